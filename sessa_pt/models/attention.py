@@ -1,0 +1,115 @@
+"""Multi-head causal self-attention (RoPE, GQA, SDPA) with a KV cache.
+
+Used on its own as the Transformer baseline's sequence mixer, and as the forward branch of the
+Sessa mixer (which subclasses it, so the parameter names match the reference release:
+``q_proj k_proj v_proj out_proj``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sessa_pt.models.rope import apply_rope
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every past token, (B, H_kv, P, d) each; ``length`` = P."""
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+    extra: dict = field(default_factory=dict)   # room for subclasses' state (Sessa: k_b, s)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, n_past: int) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over keys j <= n_past + t. q (B,H,T,d); k, v (B,Hkv,P+T,d)."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    T, S = q.shape[2], k.shape[2]
+    if n_past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+    if T == 1:   # one new token sees the whole cache
+        return F.scaled_dot_product_attention(q, k, v)
+    row = torch.arange(T, device=q.device).unsqueeze(1) + n_past
+    mask = torch.arange(S, device=q.device).unsqueeze(0) <= row
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class AttentionMixer(nn.Module):
+    """Causal multi-head attention: (B, T, D) -> (B, T, D).
+
+    ``n_kv_heads`` < ``n_heads`` gives grouped-query attention. ``out_proj`` has no bias and is the
+    identity when there is a single head (as in the reference release).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        *,
+        qkv_bias: bool = True,
+        use_rope: bool = True,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} must be divisible by n_kv_heads={n_kv_heads}")
+        self.d_model, self.n_heads, self.n_kv_heads = d_model, n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        if use_rope and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim; d_model/n_heads = {self.head_dim}")
+        self.use_rope, self.rope_base = use_rope, rope_base
+        kv_dim = n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d_model, d_model, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, kv_dim, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False) if n_heads > 1 else nn.Identity()
+
+    def init_cache(self) -> KVCache:
+        return KVCache()
+
+    def attend(self, a: Tensor, cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
+        """The attention output before ``out_proj`` (B, T, D), and k (B, T, H_kv, d)."""
+        B, T, _ = a.shape
+        n_past = 0 if cache is None else cache.length
+        q = self.q_proj(a).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(a).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(a).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.use_rope:
+            pos = torch.arange(n_past, n_past + T, device=a.device)
+            q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        o = causal_attention(q, k, v, n_past)
+        return o.transpose(1, 2).reshape(B, T, self.d_model), k
+
+    def forward(self, a: Tensor, cache: KVCache | None = None) -> Tensor:
+        o, _ = self.attend(a, cache)
+        return self.out_proj(o)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: projections plus the full (unmasked) T x T score and value
+        products, the convention of torch.utils.flop_counter and of PaLM-style MFU."""
+        D, kv = self.d_model, self.n_kv_heads * self.head_dim
+        proj = 2 * D * (D + 2 * kv) + (2 * D * D if self.n_heads > 1 else 0)
+        return float(proj + 4 * seq_len * D)

@@ -1,0 +1,92 @@
+"""The Sessa mixer: a causal attention (forward branch) whose output drives a recurrence that
+reads the mixer's own past outputs through a second attention (feedback branch).
+
+    f = out_proj(MHA(a))                                    forward branch, RoPE, j <= t
+    s_t = f_t + gamma_t * sum_{j<t} alpha[t, j] s_j         feedback, strict past, no RoPE
+
+SPEC_SESSA.md sections 2-3. ``variant='reference'`` (default) follows the authors' release:
+gamma_t = gamma_max * tanh(gamma_bias + a_t . w_gamma), gamma_bias initialised to 1.0 and one
+feedback head of width D. ``variant='paper'``: gamma_t = tanh(a_t . w_gamma + b_gamma), b_gamma
+initialised to 0, and a feedback width ``fb_dim`` that may differ from D.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from sessa_pt.models.attention import AttentionMixer, KVCache
+from sessa_pt.models.feedback import FEEDBACK_IMPLS, feedback_dense, sessa_feedback
+
+SESSA_VARIANTS = ("reference", "paper")
+
+
+class SessaMixer(AttentionMixer):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        *,
+        variant: str = "reference",
+        gamma_max: float = 0.999,
+        gamma_bias_init: float | None = None,
+        fb_dim: int | None = None,
+        impl: str = "dense",
+        chunk_size: int = 64,
+        use_rope: bool = True,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__(d_model, n_heads, n_kv_heads, qkv_bias=True, use_rope=use_rope,
+                         rope_base=rope_base)
+        if variant not in SESSA_VARIANTS:
+            raise ValueError(f"unknown Sessa variant {variant!r}; choose one of {SESSA_VARIANTS}")
+        if impl not in FEEDBACK_IMPLS:
+            raise ValueError(f"unknown feedback impl {impl!r}; choose one of {FEEDBACK_IMPLS}")
+        if variant == "reference":
+            if fb_dim not in (None, d_model):
+                raise ValueError("the reference variant has one feedback head of width d_model; "
+                                 "set variant='paper' to use another fb_dim")
+            if not 0.0 < gamma_max < 1.0:
+                raise ValueError(f"gamma_max must lie in (0, 1), got {gamma_max}")
+        self.variant, self.impl, self.chunk_size = variant, impl, chunk_size
+        self.fb_dim = d_model if fb_dim is None else fb_dim
+        self.gamma_max = gamma_max if variant == "reference" else 1.0
+        if gamma_bias_init is None:
+            gamma_bias_init = 1.0 if variant == "reference" else 0.0
+        self.proj_fb = nn.Linear(d_model, 2 * self.fb_dim, bias=True)       # [q_b | k_b]
+        self.gamma_ctx = nn.Linear(d_model, 1, bias=False)
+        # A plain Parameter, not a Linear bias, so generic re-initialisation never touches it
+        # (SPEC pitfall 5).
+        self.gamma_bias = nn.Parameter(torch.tensor(float(gamma_bias_init)))
+
+    def gamma(self, a: Tensor) -> Tensor:
+        """Per-token feedback gain (B, T), strictly inside (-1, 1)."""
+        g = torch.tanh(self.gamma_bias + self.gamma_ctx(a).squeeze(-1))
+        return self.gamma_max * g if self.variant == "reference" else g
+
+    def feedback_inputs(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q_b, k_b = self.proj_fb(a).split(self.fb_dim, dim=-1)
+        return q_b, k_b, self.gamma(a)
+
+    def init_cache(self) -> KVCache:
+        return KVCache(extra={"k_b": None, "s": None})
+
+    def forward(self, a: Tensor, cache: KVCache | None = None) -> Tensor:
+        f = super().forward(a, cache)
+        q_b, k_b, gamma = self.feedback_inputs(a)
+        if cache is None:
+            return sessa_feedback(q_b, k_b, gamma, f, impl=self.impl, chunk_size=self.chunk_size)
+        past_k, past_s = cache.extra["k_b"], cache.extra["s"]
+        s = feedback_dense(q_b, k_b, gamma, f, past_k_b=past_k, past_s=past_s)
+        cache.extra["k_b"] = k_b if past_k is None else torch.cat([past_k, k_b], dim=1)
+        cache.extra["s"] = s if past_s is None else torch.cat([past_s, s], dim=1)
+        return s
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token: the attention branch, the feedback projections and gain, the
+        T x T routing logits (full T^2, like attention: 2 T Dk per token) and the triangular
+        solve (T^2 D / 2 multiply-adds per sequence: T D FLOPs per token)."""
+        D, Dk = self.d_model, self.fb_dim
+        fb = 2 * D * 2 * Dk + 2 * D + 2 * seq_len * Dk + seq_len * D
+        return super().flops_per_token(seq_len) + float(fb)
