@@ -56,6 +56,8 @@ class SessaMixer(AttentionMixer):
             gamma_bias_init = 1.0 if variant == "reference" else 0.0
         self.proj_fb = nn.Linear(d_model, 2 * self.fb_dim, bias=True)       # [q_b | k_b]
         self.gamma_ctx = nn.Linear(d_model, 1, bias=False)
+        # nn.Linear's default init gives the reference's spread of initial gains (mean ~0.7).
+        self.gamma_ctx.weight._no_reinit = True
         # A plain Parameter, not a Linear bias, so generic re-initialisation never touches it
         # (SPEC pitfall 5).
         self.gamma_bias = nn.Parameter(torch.tensor(float(gamma_bias_init)))

@@ -1,0 +1,159 @@
+"""Train and eval loaders over a ``TokenShardDataset``.
+
+The training loader is infinite over epochs, follows :mod:`sessa_pt.data.order`, and keeps one
+integer of state, ``cursor``: the number of global samples consumed by completed global batches.
+A DataLoader with workers fetches whole micro-batches by their number, and DataLoader returns
+them in that order, so workers never change what a rank sees.
+
+The eval loader is one finite pass in manifest order. Global eval batch ``j`` holds positions
+``[j*b*n, (j+1)*b*n)`` and rank ``r`` reads its ``b`` of them; positions past the end of the set
+are padding (a copy of sample 0 with ``loss_mask`` all zero and ``sample_id`` -1), so every rank
+runs the same number of batches (collectives stay matched) and no sample counts twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sessa_pt.data.cursor import DataCursor
+from sessa_pt.data.dataset import TokenShardDataset
+from sessa_pt.data.order import BatchLayout, positions_to_indices
+
+Batch = dict[str, torch.Tensor]
+
+
+def collate_indices(ds: TokenShardDataset, indices: np.ndarray,
+                    valid: np.ndarray | None = None) -> Batch:
+    """Stack samples into ``input_ids``, ``labels``, ``loss_mask`` and ``sample_ids``."""
+    tokens = np.stack([ds.tokens_numpy(int(i)) for i in indices]).astype(np.int64)
+    if ds.has_mask:
+        mask = np.stack([ds.mask_numpy(int(i)) for i in indices]).astype(np.float32)
+    else:
+        mask = np.ones((len(indices), ds.seq_len), dtype=np.float32)
+    ids = np.array([ds.sample_id(int(i)) for i in indices], dtype=np.int64)
+    if valid is not None:
+        mask[~valid] = 0.0
+        ids[~valid] = -1
+    t = torch.from_numpy(tokens)
+    return {"input_ids": t[:, :-1], "labels": t[:, 1:],
+            "loss_mask": torch.from_numpy(mask), "sample_ids": torch.from_numpy(ids)}
+
+
+class _TrainMicroBatches(Dataset):
+    """Map-style view: item ``m`` is this rank's ``m``-th micro-batch."""
+
+    def __init__(self, ds: TokenShardDataset, layout: BatchLayout, seed: int,
+                 shuffle: bool) -> None:
+        self.ds, self.layout, self.seed, self.shuffle = ds, layout, seed, shuffle
+
+    def __getitem__(self, micro_step: int) -> Batch:
+        positions = self.layout.micro_batch_positions(micro_step)
+        indices = positions_to_indices(positions, self.seed, self.ds.num_samples, self.shuffle)
+        return collate_indices(self.ds, indices)
+
+
+class _CountFrom(Sampler[int]):
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)
+
+
+class TrainLoader:
+    """Iterate micro-batches for one rank; ``cursor`` is the checkpointable state."""
+
+    def __init__(self, ds: TokenShardDataset, layout: BatchLayout, seed: int, start_cursor: int,
+                 num_workers: int, prefetch_factor: int, shuffle: bool,
+                 pin_memory: bool) -> None:
+        self.ds, self.layout, self.seed = ds, layout, seed
+        self.start_cursor = start_cursor
+        self.cursor = start_cursor
+        self._micro = _TrainMicroBatches(ds, layout, seed, shuffle)
+        self.num_workers, self.prefetch_factor, self.pin_memory = (
+            num_workers, prefetch_factor, pin_memory)
+
+    @property
+    def grad_accum(self) -> int:
+        return self.layout.grad_accum
+
+    def data_cursor(self) -> DataCursor:
+        """The cursor with the seed and global batch size that give it meaning."""
+        return DataCursor(self.cursor, self.seed, self.layout.global_batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        first_micro = (self.cursor // self.layout.global_batch_size) * self.layout.grad_accum
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+        loader = DataLoader(self._micro, batch_size=None, sampler=_CountFrom(first_micro),
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
+        for count, batch in enumerate(loader, start=1):
+            if count % self.layout.grad_accum == 0:
+                self.cursor += self.layout.global_batch_size
+            yield batch
+
+
+def build_train_loader(ds: TokenShardDataset, seed: int, global_batch_size: int,
+                       micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                       start_cursor: int | DataCursor = 0, num_workers: int = 0, prefetch_factor: int = 4,
+                       shuffle: bool = True, pin_memory: bool = False) -> TrainLoader:
+    """The infinite, resumable training loader of one data-parallel rank.
+
+    ``start_cursor`` is a saved ``loader.cursor``: a multiple of ``global_batch_size``. Resuming
+    with another ``dp_size`` (same G) gives every sample the same step it would have had.
+    A :class:`DataCursor` is also accepted; its seed and G must match.
+    """
+    if ds.num_samples == 0:
+        raise ValueError(f"{ds!r} has no samples to train on")
+    if isinstance(start_cursor, DataCursor):
+        start_cursor.check_compatible(seed, global_batch_size)
+        start_cursor = start_cursor.samples
+    layout = BatchLayout(global_batch_size, micro_batch_size, dp_rank, dp_size)
+    if start_cursor < 0 or start_cursor % global_batch_size:
+        raise ValueError(
+            f"start_cursor {start_cursor} is not a non-negative multiple of the global batch "
+            f"size {global_batch_size}: resume with the same global batch size the cursor was "
+            "saved with"
+        )
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    return TrainLoader(ds, layout, seed, start_cursor, num_workers, prefetch_factor, shuffle,
+                       pin_memory)
+
+
+class EvalLoader:
+    """One finite pass over a split; see the module docstring for the padding rule."""
+
+    def __init__(self, ds: TokenShardDataset, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, max_samples: int | None) -> None:
+        self.ds, self.b, self.rank, self.n = ds, micro_batch_size, dp_rank, dp_size
+        total = ds.num_samples if max_samples is None else min(max_samples, ds.num_samples)
+        self.total = total
+        self.num_batches = -(-total // (micro_batch_size * dp_size))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        per_global = self.b * self.n
+        for j in range(self.num_batches):
+            start = j * per_global + self.rank * self.b
+            positions = np.arange(start, start + self.b, dtype=np.int64)
+            valid = positions < self.total
+            yield collate_indices(self.ds, np.where(valid, positions, 0), valid)
+
+
+def build_eval_loader(ds: TokenShardDataset, micro_batch_size: int, dp_rank: int = 0,
+                      dp_size: int = 1, max_samples: int | None = None) -> EvalLoader:
+    """A deterministic, finite pass over ``ds`` split across ranks (no sample twice)."""
+    BatchLayout(micro_batch_size * dp_size, micro_batch_size, dp_rank, dp_size)  # validates
+    if ds.num_samples == 0:
+        raise ValueError(f"{ds!r} has no samples to evaluate")
+    return EvalLoader(ds, micro_batch_size, dp_rank, dp_size, max_samples)

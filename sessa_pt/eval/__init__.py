@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, long-context tasks, the memory-tail diagnostic, comparison reports."""

@@ -1,0 +1,88 @@
+"""Model configuration: one dataclass tree that builds every model sessa_pt trains.
+
+A model is an embedding, ``n_layers`` blocks, a final LayerNorm and an LM head. Each block is the
+paper's gated block (``block: gated``) or a conventional attention + SwiGLU block
+(``block: transformer``); its sequence mixer is ``mixer`` for every layer, or per layer from
+``layer_mixers`` (hybrids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIXERS = ("sessa", "attention", "mamba2")
+BLOCKS = ("gated", "transformer")
+
+
+@dataclass
+class SessaOptions:
+    variant: str = "reference"          # reference (authors' release) | paper
+    gamma_max: float = 0.999            # reference variant only
+    gamma_bias_init: float | None = None  # None: 1.0 (reference) / 0.0 (paper)
+    fb_dim: int | None = None           # feedback width; None = d_model (paper variant may differ)
+    impl: str = "dense"                 # dense | chunked | triton
+    chunk_size: int = 64                # chunked / triton feedback
+
+
+@dataclass
+class Mamba2Options:
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 64
+    n_groups: int = 1
+    chunk_size: int = 64
+    impl: str = "chunked"               # chunked (SSD) | sequential (reference scan)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None       # None = n_heads (no GQA)
+    mixer: str = "sessa"                # default mixer of every layer: sessa | attention | mamba2
+    layer_mixers: list[str] | None = None  # optional per-layer mixers (length n_layers)
+    block: str = "gated"                # gated (paper) | transformer (pre-norm attn + SwiGLU)
+    mlp_hidden: int | None = None       # transformer block MLP width; None = 8/3 d rounded to 64
+    tie_embeddings: bool = True
+    use_rope: bool = True
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+    sessa: SessaOptions = field(default_factory=SessaOptions)
+    mamba2: Mamba2Options = field(default_factory=Mamba2Options)
+
+    def mixers(self) -> list[str]:
+        return list(self.layer_mixers) if self.layer_mixers else [self.mixer] * self.n_layers
+
+    def validate(self) -> ModelConfig:
+        errors = []
+        if self.vocab_size <= 0 or self.d_model <= 0 or self.n_layers <= 0 or self.n_heads <= 0:
+            errors.append("vocab_size, d_model, n_layers and n_heads must be positive")
+        if self.layer_mixers is not None and len(self.layer_mixers) != self.n_layers:
+            errors.append(f"model.layer_mixers has {len(self.layer_mixers)} entries; "
+                          f"it needs one per layer (n_layers={self.n_layers})")
+        for m in self.mixers():
+            if m not in MIXERS:
+                errors.append(f"unknown mixer {m!r}: choose from {MIXERS}")
+        if self.block not in BLOCKS:
+            errors.append(f"unknown block {self.block!r}: choose from {BLOCKS}")
+        if self.block == "transformer" and any(m != "attention" for m in self.mixers()):
+            errors.append("block=transformer is the attention + MLP baseline; set mixer=attention")
+        if self.d_model % self.n_heads:
+            errors.append(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        elif self.use_rope and (self.d_model // self.n_heads) % 2:
+            errors.append(f"RoPE needs an even head dim; d_model/n_heads = "
+                          f"{self.d_model // self.n_heads}")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            errors.append(f"n_kv_heads={kv} must divide n_heads={self.n_heads}")
+        if "mamba2" in self.mixers():
+            d_inner = self.mamba2.expand * self.d_model
+            if d_inner % self.mamba2.head_dim:
+                errors.append(f"mamba2: expand*d_model={d_inner} must be divisible by "
+                              f"mamba2.head_dim={self.mamba2.head_dim}")
+        if errors:
+            raise ValueError("invalid model config:\n  - " + "\n  - ".join(errors))
+        return self

@@ -1,0 +1,150 @@
+"""The decoder language model: token embedding, a stack of blocks, final norm, LM head, loss.
+
+Plain PyTorch, no parallelism here: ``sessa_pt.parallel`` wraps or re-expresses these modules
+for tensor and pipeline parallelism. The model is split into three kinds of stages so a pipeline
+can place them: ``TokenEmbedding``, the blocks, and ``LMHead`` (final norm + projection, tied to
+the embedding by default).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sessa_pt.models.attention import AttentionMixer
+from sessa_pt.models.blocks import GatedBlock, TransformerBlock
+from sessa_pt.models.config import ModelConfig
+from sessa_pt.models.sessa import SessaMixer
+
+
+def build_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
+    if kind == "sessa":
+        o = cfg.sessa
+        return SessaMixer(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, variant=o.variant,
+                          gamma_max=o.gamma_max, gamma_bias_init=o.gamma_bias_init,
+                          fb_dim=o.fb_dim, impl=o.impl, chunk_size=o.chunk_size,
+                          use_rope=cfg.use_rope, rope_base=cfg.rope_base)
+    if kind == "attention":
+        return AttentionMixer(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, use_rope=cfg.use_rope,
+                              rope_base=cfg.rope_base)
+    if kind == "mamba2":
+        from sessa_pt.models.mamba2 import Mamba2Mixer
+
+        o = cfg.mamba2
+        return Mamba2Mixer(cfg.d_model, d_state=o.d_state, d_conv=o.d_conv, expand=o.expand,
+                           head_dim=o.head_dim, n_groups=o.n_groups, chunk_size=o.chunk_size,
+                           impl=o.impl)
+    raise ValueError(f"unknown mixer {kind!r}")
+
+
+def build_block(cfg: ModelConfig, layer: int) -> nn.Module:
+    mixer = build_mixer(cfg, cfg.mixers()[layer])
+    if cfg.block == "transformer":
+        return TransformerBlock(cfg.d_model, mixer, cfg.mlp_hidden)
+    return GatedBlock(cfg.d_model, mixer)
+
+
+class TokenEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, d_model: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """Final LayerNorm and the projection to the vocabulary (``weight`` None = tied)."""
+
+    def __init__(self, d_model: int, vocab_size: int, tied: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, eps=1e-5)
+        self.weight = None if tied else nn.Parameter(torch.empty(vocab_size, d_model))
+
+    def forward(self, h: Tensor, embedding_weight: Tensor | None = None) -> Tensor:
+        w = self.weight if self.weight is not None else embedding_weight
+        return F.linear(self.norm(h), w)
+
+
+def lm_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> Tensor:
+    """Mean next-token cross entropy over the positions the mask keeps (fp32)."""
+    ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none")
+    if loss_mask is None:
+        return ce.mean()
+    m = loss_mask.flatten().to(ce.dtype)
+    return (ce * m).sum() / m.sum().clamp_min(1.0)
+
+
+class DecoderLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(build_block(cfg, i) for i in range(cfg.n_layers))
+        self.head = LMHead(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings)
+        self.init_weights()
+
+    # ---- initialisation -------------------------------------------------------------------
+    def init_weights(self) -> None:
+        init_lm_weights(self, self.cfg)
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None,
+                loss_mask: Tensor | None = None, caches: list | None = None) -> Tensor:
+        """Logits (B, T, V); or the loss when ``labels`` are given."""
+        h = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            h = block(h, caches[i]) if caches is not None else block(h)
+        logits = self.head(h, self.embed.weight)
+        return logits if labels is None else lm_loss(logits, labels, loss_mask)
+
+    def init_caches(self) -> list:
+        return [b.init_cache() for b in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy decoding with the recurrent caches: prefill, then one token per step."""
+        caches = self.init_caches()
+        logits = self(input_ids, caches=caches)
+        out = []
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = self(nxt, caches=caches)
+        return torch.cat(out, dim=1) if out else input_ids[:, :0]
+
+    # ---- accounting -----------------------------------------------------------------------
+    def num_params(self) -> dict[str, int]:
+        """Total parameters and non-embedding parameters (without embedding and untied head)."""
+        total = sum(p.numel() for p in self.parameters())
+        emb = self.embed.weight.numel()
+        if self.head.weight is not None:
+            emb += self.head.weight.numel()
+        return {"total": total, "non_embedding": total - emb}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token (2 per multiply-add; attention T^2 terms unmasked). Training
+        costs 3x this (forward + backward)."""
+        D, V = self.cfg.d_model, self.cfg.vocab_size
+        return sum(b.flops_per_token(seq_len) for b in self.blocks) + 2.0 * D * V
+
+
+def init_lm_weights(model: nn.Module, cfg: ModelConfig) -> None:
+    """Normal(0, init_std) for linear and embedding weights, zero biases, residual output
+    projections scaled by 1/sqrt(2 n_layers) (GPT-2). Parameters flagged ``_no_reinit`` (Sessa's
+    gain, Mamba2's decay/step/skip) keep the init their module gave them."""
+    std = cfg.init_std
+    out_std = std / math.sqrt(2 * cfg.n_layers)
+    residual_out = ("W_out", "out_proj", "w_down")
+    for name, p in model.named_parameters():
+        if getattr(p, "_no_reinit", False) or p.dim() == 0:
+            continue
+        leaf = name.split(".")[-1]
+        parent = name.split(".")[-2] if "." in name else ""
+        if isinstance(p, nn.Parameter) and p.dim() >= 2 and ("norm" not in name):
+            nn.init.normal_(p, 0.0, out_std if parent in residual_out else std)
+        elif leaf == "bias" and "norm" not in parent and not parent.startswith("ln"):
+            nn.init.zeros_(p)

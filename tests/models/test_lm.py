@@ -1,0 +1,132 @@
+"""Attention baseline, blocks and the decoder LM: decoding, FLOPs and parameter accounting,
+initialisation, and the rule that models never import the parallel stack."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sessa_pt.models import AttentionMixer, DecoderLM, ModelConfig, SessaBlock, TransformerBlock
+from sessa_pt.models.blocks import GatedBlock
+from sessa_pt.models.flops import measured_forward_flops
+
+F64 = torch.float64
+MODELS_DIR = pathlib.Path(__file__).resolve().parents[2] / "sessa_pt" / "models"
+
+
+@pytest.mark.parametrize("n_kv", [None, 2])
+def test_attention_prefill_and_decode_equal_parallel_forward(n_kv):
+    torch.manual_seed(0)
+    block = GatedBlock(16, AttentionMixer(16, 4, n_kv)).double()
+    x = torch.randn(2, 12, 16, dtype=F64)
+    cache = block.init_cache()
+    parts = [block(x[:, :4], cache)] + [block(x[:, t:t + 1], cache) for t in range(4, 8)]
+    parts.append(block(x[:, 8:], cache))
+    assert torch.allclose(torch.cat(parts, 1), block(x), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("mixer,block", [("sessa", "gated"), ("attention", "gated"),
+                                         ("attention", "transformer")])
+def test_lm_decoding_equals_parallel_logits(mixer, block):
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, mixer=mixer, block=block)
+    lm = DecoderLM(cfg).double()
+    ids = torch.randint(0, 50, (2, 10))
+    caches = lm.init_caches()
+    steps = [lm(ids[:, :6], caches=caches)] + [lm(ids[:, t:t + 1], caches=caches)
+                                                for t in range(6, 10)]
+    assert torch.allclose(torch.cat(steps, 1), lm(ids), atol=1e-10, rtol=0)
+
+
+def test_hybrid_layers_and_generate():
+    torch.manual_seed(2)
+    cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=3, n_heads=2,
+                      layer_mixers=["sessa", "attention", "sessa"])
+    lm = DecoderLM(cfg).double()
+    assert [type(b.mixer).__name__ for b in lm.blocks] == ["SessaMixer", "AttentionMixer",
+                                                           "SessaMixer"]
+    ids = torch.randint(0, 40, (1, 5))
+    out = lm.generate(ids, 4)
+    seq = ids
+    for _ in range(4):     # greedy without caches must agree
+        seq = torch.cat([seq, lm(seq)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, seq[:, 5:])
+
+
+@pytest.mark.parametrize("T", [64, 256])
+def test_flops_per_token_matches_flop_counter(T):
+    torch.manual_seed(3)
+    D = 64
+    cases = {
+        "attention mixer": (AttentionMixer(D, 4, 2), torch.randn(2, T, D)),
+        "sessa block": (SessaBlock(D, 4), torch.randn(2, T, D)),
+        "transformer block": (TransformerBlock(D, AttentionMixer(D, 4)), torch.randn(2, T, D)),
+        "sessa lm": (DecoderLM(ModelConfig(vocab_size=300, d_model=D, n_layers=2, n_heads=4)),
+                     torch.randint(0, 300, (2, T))),
+        "transformer lm": (DecoderLM(ModelConfig(vocab_size=300, d_model=D, n_layers=2, n_heads=4,
+                                                 mixer="attention", block="transformer",
+                                                 tie_embeddings=False)),
+                           torch.randint(0, 300, (2, T))),
+    }
+    for name, (module, x) in cases.items():
+        measured = measured_forward_flops(module, x) / (2 * T)
+        predicted = module.flops_per_token(T)
+        assert abs(predicted / measured - 1) < 0.05, (name, predicted, measured)
+
+
+def test_num_params():
+    D, V, L = 32, 100, 3
+    tied = DecoderLM(ModelConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=4))
+    n = tied.num_params()
+    per_layer = (2 * D + 2 * D * D + 2 * D          # ln, W_in
+                 + 3 * (D * D + D) + D * D          # q k v (+bias), out_proj
+                 + 2 * D * D + 2 * D + D + 1        # proj_fb, gamma_ctx, gamma_bias
+                 + D * D + D)                       # W_out
+    assert n["non_embedding"] == L * per_layer + 2 * D   # + final norm
+    assert n["total"] == n["non_embedding"] + V * D
+    untied = DecoderLM(ModelConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=4,
+                                   tie_embeddings=False)).num_params()
+    assert untied["total"] == n["total"] + V * D and untied["non_embedding"] == n["non_embedding"]
+
+
+def test_init_keeps_special_parameters():
+    torch.manual_seed(4)
+    lm = DecoderLM(ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4))
+    before = lm.blocks[0].mixer.gamma_ctx.weight.clone()
+    lm.init_weights()
+    m = lm.blocks[0].mixer
+    assert m.gamma_bias.item() == 1.0
+    assert torch.equal(m.gamma_ctx.weight, before)
+    assert abs(m.q_proj.weight.std().item() - 0.02) < 0.004
+    assert lm.blocks[0].W_out.weight.std().item() < 0.02 / (2 * 4) ** 0.5 * 1.3
+    assert torch.count_nonzero(m.q_proj.bias) == 0
+
+
+def test_config_errors_say_what_to_change():
+    with pytest.raises(ValueError, match="n_heads=3 must divide d_model=32"):
+        ModelConfig(d_model=32, n_heads=3).validate()
+    with pytest.raises(ValueError, match="one per layer"):
+        ModelConfig(n_layers=2, layer_mixers=["sessa"]).validate()
+    with pytest.raises(ValueError, match="set mixer=attention"):
+        ModelConfig(block="transformer").validate()
+
+
+def test_models_never_import_deepspeed_or_megatron():
+    for path in MODELS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith(("deepspeed", "megatron")), (path.name, name)
+    code = ("import sys, torch, sessa_pt.models, sessa_pt.models.mamba2; "
+            "bad = [m for m in sys.modules if m.startswith(('deepspeed', 'megatron'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
