@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from sessa_pt.data.manifest import MASK_EXT, META_EXT, TOKENS_EXT, ShardInfo, sample_key, sha256_file
+from sessa_pt.data.manifest import (
+    MASK_EXT,
+    META_EXT,
+    TOKENS_EXT,
+    ShardInfo,
+    sample_key,
+    sha256_file,
+)
 
 TAR_BLOCK = 512
 
