@@ -91,9 +91,11 @@ class AttentionMixer(nn.Module):
         """The attention output before ``out_proj`` (B, T, D), and k (B, T, H_kv, d)."""
         B, T, _ = a.shape
         n_past = 0 if cache is None else cache.length
-        q = self.q_proj(a).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(a).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(a).view(B, T, self.n_kv_heads, self.head_dim)
+        # Head counts come from the projections' widths, so a tensor-parallel plan that gives each
+        # rank a slice of the heads needs no change here.
+        q = self.q_proj(a).view(B, T, -1, self.head_dim)
+        k = self.k_proj(a).view(B, T, -1, self.head_dim)
+        v = self.v_proj(a).view(B, T, -1, self.head_dim)
         if self.use_rope:
             pos = torch.arange(n_past, n_past + T, device=a.device)
             q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
@@ -101,7 +103,7 @@ class AttentionMixer(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         o = causal_attention(q, k, v, n_past)
-        return o.transpose(1, 2).reshape(B, T, self.d_model), k
+        return o.transpose(1, 2).reshape(B, T, -1), k
 
     def forward(self, a: Tensor, cache: KVCache | None = None) -> Tensor:
         o, _ = self.attend(a, cache)

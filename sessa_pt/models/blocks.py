@@ -26,11 +26,16 @@ class GatedBlock(nn.Module):
         self.W_in = nn.Linear(d_model, 2 * d_model, bias=True)
         self.mixer = mixer
         self.W_out = nn.Linear(d_model, d_model, bias=True)
+        # Hook point for tensor parallelism: a TP rank keeps its slice of the mixer's output
+        # channels (the Sessa mixer slices internally, before its solve).
+        self.mixer_out_to_local: nn.Module = nn.Identity()
 
     def forward(self, x: Tensor, cache=None) -> Tensor:
-        a, g = self.W_in(self.ln(x)).chunk(2, dim=-1)
+        h = self.W_in(self.ln(x))
+        # a is always full width; g may be this rank's channel slice under tensor parallelism.
+        a, g = h.split([self.d_model, h.shape[-1] - self.d_model], dim=-1)
         s = self.mixer(F.gelu(a), cache) if cache is not None else self.mixer(F.gelu(a))
-        return x + self.W_out(s * g)
+        return x + self.W_out(self.mixer_out_to_local(s) * g)
 
     def init_cache(self):
         return self.mixer.init_cache()

@@ -78,18 +78,41 @@ def lm_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> 
     return (ce * m).sum() / m.sum().clamp_min(1.0)
 
 
+def build_stage(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:
+    """Stage ``index`` of the model (0: embedding, 1..n_layers: blocks, n_layers+1: head),
+    built and initialised under its own seed, so that any split of the stages over pipeline
+    stages or tensor-parallel ranks starts from the same weights as the single-process model."""
+    L = cfg.n_layers
+    if not 0 <= index <= L + 1:
+        raise IndexError(f"stage {index} out of range 0..{L + 1}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + index)
+        if index == 0:
+            module = TokenEmbedding(cfg.vocab_size, cfg.d_model)
+        elif index <= L:
+            module = build_block(cfg, index - 1)
+        else:
+            module = LMHead(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings)
+        init_lm_weights(module, cfg)
+    return module
+
+
 class DecoderLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg.validate()
-        self.embed = TokenEmbedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(build_block(cfg, i) for i in range(cfg.n_layers))
-        self.head = LMHead(cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings)
-        self.init_weights()
+        self.seed = seed
+        L = cfg.n_layers
+        self.embed = build_stage(cfg, 0, seed)
+        self.blocks = nn.ModuleList(build_stage(cfg, i + 1, seed) for i in range(L))
+        self.head = build_stage(cfg, L + 1, seed)
+        self.loss_fn = lm_loss     # tensor parallelism swaps in a vocab-parallel loss
 
     # ---- initialisation -------------------------------------------------------------------
     def init_weights(self) -> None:
-        init_lm_weights(self, self.cfg)
+        """Re-initialise every stage exactly as construction did."""
+        fresh = DecoderLM(self.cfg, self.seed)
+        self.load_state_dict(fresh.state_dict())
 
     # ---- forward --------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
@@ -99,7 +122,7 @@ class DecoderLM(nn.Module):
         for i, block in enumerate(self.blocks):
             h = block(h, caches[i]) if caches is not None else block(h)
         logits = self.head(h, self.embed.weight)
-        return logits if labels is None else lm_loss(logits, labels, loss_mask)
+        return logits if labels is None else self.loss_fn(logits, labels, loss_mask)
 
     def init_caches(self) -> list:
         return [b.init_cache() for b in self.blocks]
@@ -139,12 +162,14 @@ def init_lm_weights(model: nn.Module, cfg: ModelConfig) -> None:
     std = cfg.init_std
     out_std = std / math.sqrt(2 * cfg.n_layers)
     residual_out = ("W_out", "out_proj", "w_down")
-    for name, p in model.named_parameters():
-        if getattr(p, "_no_reinit", False) or p.dim() == 0:
-            continue
-        leaf = name.split(".")[-1]
-        parent = name.split(".")[-2] if "." in name else ""
-        if isinstance(p, nn.Parameter) and p.dim() >= 2 and ("norm" not in name):
-            nn.init.normal_(p, 0.0, out_std if parent in residual_out else std)
-        elif leaf == "bias" and "norm" not in parent and not parent.startswith("ln"):
-            nn.init.zeros_(p)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if getattr(p, "_no_reinit", False) or p.dim() == 0:
+                continue
+            parts = name.split(".")
+            parent = parts[-2] if len(parts) > 1 else ""
+            is_norm = "norm" in name or parent.startswith("ln")
+            if p.dim() >= 2 and not is_norm:
+                p.normal_(0.0, out_std if parent in residual_out else std)
+            elif parts[-1] == "bias" and not is_norm:
+                p.zero_()

@@ -297,6 +297,10 @@ class Mamba2Mixer(nn.Module):
             p._no_weight_decay = True
         self.norm = GatedRMSNorm(d_inner, group_size=d_inner // n_groups, eps=1e-5)
         self.norm.weight._no_reinit = True
+        # The depthwise conv keeps nn.Conv1d's fan-in init: a generic N(0, 0.02) re-init would
+        # shrink its 4-tap output ~25x and starve the SSM at the start of training.
+        self.conv1d.weight._no_reinit = True
+        self.conv1d.bias._no_reinit = True
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def init_cache(self) -> Mamba2Cache:

@@ -61,6 +61,11 @@ class SessaMixer(AttentionMixer):
         # A plain Parameter, not a Linear bias, so generic re-initialisation never touches it
         # (SPEC pitfall 5).
         self.gamma_bias = nn.Parameter(torch.tensor(float(gamma_bias_init)))
+        # Hook points for tensor parallelism (identity here; sessa_pt.parallel replaces them):
+        # the routing is shared by all channels, so a TP rank solves its own slice of channels
+        # (f_to_local) and the routing inputs' gradients are summed over ranks (routing_grad_sync).
+        self.f_to_local: nn.Module = nn.Identity()
+        self.routing_grad_sync: nn.Module = nn.Identity()
 
     def gamma(self, a: Tensor) -> Tensor:
         """Per-token feedback gain (B, T), strictly inside (-1, 1)."""
@@ -69,13 +74,14 @@ class SessaMixer(AttentionMixer):
 
     def feedback_inputs(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q_b, k_b = self.proj_fb(a).split(self.fb_dim, dim=-1)
-        return q_b, k_b, self.gamma(a)
+        sync = self.routing_grad_sync
+        return sync(q_b), sync(k_b), sync(self.gamma(a))
 
     def init_cache(self) -> KVCache:
         return KVCache(extra={"k_b": None, "s": None})
 
     def forward(self, a: Tensor, cache: KVCache | None = None) -> Tensor:
-        f = super().forward(a, cache)
+        f = self.f_to_local(super().forward(a, cache))
         q_b, k_b, gamma = self.feedback_inputs(a)
         if cache is None:
             return sessa_feedback(q_b, k_b, gamma, f, impl=self.impl, chunk_size=self.chunk_size)
