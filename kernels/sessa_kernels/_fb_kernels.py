@@ -86,7 +86,7 @@ def fwd_solve(Q, K, G, F, S, R, LSE, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BD], dtype=tl.float32)
-    for c in range(0, r):
+    for c in range(r):
         sc = _scores(q_ptr, k_ptr, r * BM, c * BM, T, DK, BM, BM, BK) * scale_log2
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         corr = tl.exp2(m_i - m_new)
@@ -149,7 +149,7 @@ def bwd_solve(Q, K, G, DS, U, R, LSE, DG, FLAGS, COUNTER, T, B, n_chunks, scale_
     nmask = offs_n < T
 
     acc = tl.zeros([BM, BD], dtype=tl.float32)
-    for i in range(0, n_chunks - 1 - c):
+    for i in range(n_chunks - 1 - c):
         r = n_chunks - 1 - i
         offs_m = r * BM + ar
         rmask = offs_m < T

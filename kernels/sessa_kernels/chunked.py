@@ -95,7 +95,7 @@ def _forward(q: Tensor, k: Tensor, g: Tensor, f: Tensor, scale: float, C: int
 def _backward(q: Tensor, k: Tensor, g: Tensor, s: Tensor, lse: Tensor, r: Tensor, ds: Tensor,
               scale: float, C: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dgamma, df from the saved forward state (all in the solve dtype)."""
-    B, T, _ = q.shape
+    T = q.shape[1]
     eye = torch.eye(C, dtype=s.dtype, device=s.device)
     u = torch.empty_like(ds)
     starts = list(range(0, T, C))

@@ -1,0 +1,207 @@
+"""Sessa layer vs SDPA attention layer on one GPU: fwd+bwd time and peak memory, and decoding.
+
+The layer is the paper's gated block (LN -> W_in -> GELU / gate -> mixer -> W_out, residual,
+``sessa_pt.models.blocks.GatedBlock``) with the mixer ``SessaMixer(impl=dense|chunked|triton)``
+or ``AttentionMixer``; D=1024, 16 heads, bf16, 16k tokens per batch (B = 16384 / T, B = 1
+beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
+(weights and the input). Run on the GPU machine:
+
+    PYTHONPATH=$PWD:$PWD/kernels python3 kernels/benchmarks/bench_sessa_layer.py \
+        [--seq 512,2048,8192] [--impls attention,triton,chunked,dense] [--decode]
+"""
+
+# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from sessa_pt.models.attention import AttentionMixer
+from sessa_pt.models.sessa import SessaMixer
+
+D, H, TOKENS = 1024, 16, 16384
+
+
+def make_block(impl: str) -> nn.Module:
+    from sessa_pt.models.blocks import GatedBlock
+
+    if impl == "attention":
+        mixer = AttentionMixer(D, H)
+    else:
+        mixer = SessaMixer(D, H, impl=impl, chunk_size=128)
+    return GatedBlock(D, mixer).cuda().to(torch.bfloat16)
+
+
+def time_fwd_bwd(block: nn.Module, B: int, T: int, budget_s: float = 2.0
+                 ) -> tuple[float, float]:
+    """Median ms of fwd+bwd and peak extra GiB."""
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+
+    def step() -> None:
+        y = block(x)
+        y.backward(dy)
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()                                    # warm-up (compilation, autotune, allocator)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    n = max(2, min(20, int(budget_s / max(first, 1e-3))))
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times), peak
+
+
+def bench_layers(seqs: list[int], impls: list[str], limits: dict[str, int]) -> list[dict]:
+    rows = []
+    for T in seqs:
+        B = max(1, TOKENS // T)
+        for impl in impls:
+            row = {"T": T, "B": B, "impl": impl}
+            if T > limits.get(impl, 1 << 30):
+                row["status"] = "skipped"
+            else:
+                block = make_block(impl)
+                try:
+                    row["ms"], row["gib"] = time_fwd_bwd(block, B, T)
+                    row["status"] = "ok"
+                except torch.OutOfMemoryError:
+                    row["status"] = "OOM"
+                del block
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_layer_table(rows: list[dict], impls: list[str]) -> None:
+    by = {(r["T"], r["impl"]): r for r in rows}
+    seqs = sorted({r["T"] for r in rows})
+    head = f"{'T':>7} {'B':>3} " + " ".join(f"{i + ' ms':>14} {i + ' GiB':>12}" for i in impls)
+    print("\n" + head + "   triton/attn time, mem   dense/triton time")
+    for T in seqs:
+        cells = []
+        for i in impls:
+            r = by.get((T, i), {})
+            if r.get("status") == "ok":
+                cells.append(f"{r['ms']:14.2f} {r['gib']:12.2f}")
+            else:
+                cells.append(f"{r.get('status', '-'):>14} {'':>12}")
+        tr, at, de = by.get((T, "triton"), {}), by.get((T, "attention"), {}), \
+            by.get((T, "dense"), {})
+        ratio = ""
+        if tr.get("status") == "ok" and at.get("status") == "ok":
+            ratio = f"{tr['ms'] / at['ms']:8.2f}x {tr['gib'] / at['gib']:6.2f}x"
+        if tr.get("status") == "ok" and de.get("status") == "ok":
+            ratio += f"   {de['ms'] / tr['ms']:8.2f}x"
+        print(f"{T:7d} {max(1, TOKENS // T):3d} " + " ".join(cells) + "   " + ratio)
+
+
+def bench_decode(contexts: list[int], B: int = 1) -> list[dict]:
+    """One decoding step of each layer at context P, caches preallocated (no concatenation):
+    attention: block projections + SDPA over (K, V); Sessa: + feedback projections and the fused
+    feedback read over (K_b, S)."""
+    import torch.nn.functional as F
+    from sessa_kernels.decode import feedback_decode_step
+
+    rows = []
+    att, ses = make_block("attention"), make_block("triton")
+    for P in contexts:
+        x = torch.randn(B, 1, D, device="cuda", dtype=torch.bfloat16)
+        kc = torch.randn(B, H, P, D // H, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        kb = torch.randn(B, P, D, device="cuda", dtype=torch.bfloat16)
+        sc = torch.randn_like(kb)
+
+        def attn_read(blk, a):
+            m = blk.mixer
+            q = m.q_proj(a).view(B, 1, H, D // H).transpose(1, 2)
+            m.k_proj(a), m.v_proj(a)
+            o = F.scaled_dot_product_attention(q, kc, vc)
+            return m.out_proj(o.transpose(1, 2).reshape(B, 1, D))
+
+        @torch.no_grad()
+        def step_attn():
+            a, g = att.W_in(att.ln(x)).chunk(2, dim=-1)
+            return x + att.W_out(attn_read(att, F.gelu(a)) * g)
+
+        @torch.no_grad()
+        def step_sessa(impl="triton"):
+            a, g = ses.W_in(ses.ln(x)).chunk(2, dim=-1)
+            a = F.gelu(a)
+            f = attn_read(ses, a)
+            qb, _, gam = ses.mixer.feedback_inputs(a)
+            s = feedback_decode_step(qb[:, 0], gam[:, 0], f[:, 0], kb, sc, impl=impl)
+            return x + ses.W_out(s[:, None] * g)
+
+        def med(fn, n=50):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(n):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b))
+            return statistics.median(ts)
+
+        row = {"P": P, "B": B, "attn_ms": med(step_attn), "sessa_ms": med(step_sessa),
+               "sessa_torch_ms": med(lambda: step_sessa("torch"), 10)}
+        row["ratio"] = row["sessa_ms"] / row["attn_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{'P':>7} {'B':>3} {'attn ms':>9} {'sessa ms':>9} {'ratio':>6} {'torch-fb ms':>12}")
+    for r in rows:
+        print(f"{r['P']:7d} {r['B']:3d} {r['attn_ms']:9.3f} {r['sessa_ms']:9.3f} "
+              f"{r['ratio']:6.2f} {r['sessa_torch_ms']:12.3f}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq", default="512,1024,2048,4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--impls", default="attention,triton,chunked,dense")
+    ap.add_argument("--dense-max", type=int, default=16384)
+    ap.add_argument("--chunked-max", type=int, default=32768)
+    ap.add_argument("--decode", default="1024,8192,32768,131072",
+                    help="decode contexts ('' to skip)")
+    ap.add_argument("--json", default="", help="write all rows here")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    impls = args.impls.split(",")
+    rows = bench_layers([int(s) for s in args.seq.split(",")], impls,
+                        {"dense": args.dense_max, "chunked": args.chunked_max})
+    dec = []
+    if args.decode:
+        for B in (1, 16):
+            dec += bench_decode([int(p) for p in args.decode.split(",")], B)
+    print(f"\n# {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()} torch "
+          f"{torch.__version__}")
+    print_layer_table(rows, impls)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"layers": rows, "decode": dec}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

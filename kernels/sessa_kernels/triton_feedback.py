@@ -1,0 +1,136 @@
+"""The Sessa feedback solve as fused Triton kernels, forward and backward.
+
+``feedback_triton(q_b, k_b, gamma, f)`` solves ``(I - B_fb) s = f`` with
+``B_fb[t, j] = gamma_t softmax_{j<t}(scale q_b[t] . k_b[j])`` like
+``sessa_pt.models.feedback.feedback_dense``, without a T x T tensor: the routing scores, the
+normaliser over the strict past, gamma and the blocked solve are one kernel
+(``_fb_kernels.fwd_solve``); the backward is the adjoint solve in reverse time (which also
+gives dgamma) and one softmax-backward kernel launched for dq and for dk. Operands of the
+matrix products are in the input dtype (bf16 in training), accumulation and the in-chunk
+solves in float32. Saved for backward: q_b, k_b, gamma, s and, in float32, the row log-sum-exp
+(B, T) and r = alpha @ s (B, T, D): O(T D) memory.
+
+Triton is imported lazily, so ``import sessa_kernels`` works without it. On a machine without
+CUDA the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the
+first import of triton (slow: tests only).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+from sessa_kernels.chunked import check_feedback_inputs
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _blocks(T: int, D: int, block_m: int | None, block_d: int | None) -> tuple[int, int]:
+    bm = block_m or 64
+    bd = block_d or min(128, max(16, triton_next_pow2(D)))
+    return bm, bd
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class _FeedbackTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float,
+                block_m: int, block_d: int, prec: str) -> Tensor:
+        from sessa_kernels import _fb_kernels as kern
+
+        q, k, g, fc = (x.contiguous() for x in (q_b, k_b, gamma, f))
+        B, T, DK = q.shape
+        D = f.shape[-1]
+        n_chunks = math.ceil(T / block_m)
+        n_dblk = math.ceil(D / block_d)
+        dev = f.device
+        s = torch.empty_like(fc)
+        r = torch.empty(B, T, D, dtype=torch.float32, device=dev)
+        lse = torch.empty(B, T, dtype=torch.float32, device=dev)
+        flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
+        counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        kern.fwd_solve[(n_chunks * B * n_dblk,)](
+            q, k, g, fc, s, r, lse, flags, counter, T, B, n_chunks, scale * LOG2E,
+            DK=DK, D=D, BM=block_m, BK=min(64, max(16, triton_next_pow2(DK))), BD=block_d,
+            N_DBLK=n_dblk, LOG2_BM=int(math.log2(block_m)), PREC=prec,
+            num_warps=8 if block_d >= 256 else 4)
+        ctx.save_for_backward(q, k, g, s, lse, r)
+        ctx.cfg = (scale, block_m, block_d, prec)
+        return s
+
+    @staticmethod
+    def backward(ctx, ds: Tensor):
+        from sessa_kernels import _fb_kernels as kern
+
+        q, k, g, s, lse, r = ctx.saved_tensors
+        scale, block_m, block_d, prec = ctx.cfg
+        B, T, DK = q.shape
+        D = s.shape[-1]
+        n_chunks = math.ceil(T / block_m)
+        n_dblk = math.ceil(D / block_d)
+        dev = s.device
+        ds = ds.contiguous()
+        u = torch.empty_like(s)
+        dg = torch.zeros(B, T, dtype=torch.float32, device=dev)
+        flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
+        counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        bk = min(64, max(16, triton_next_pow2(DK)))
+        kern.bwd_solve[(n_chunks * B * n_dblk,)](
+            q, k, g, ds, u, r, lse, dg, flags, counter, T, B, n_chunks, scale * LOG2E,
+            DK=DK, D=D, BM=block_m, BK=bk, BD=block_d, N_DBLK=n_dblk,
+            LOG2_BM=int(math.log2(block_m)), PREC=prec,
+            num_warps=8 if block_d >= 256 else 4)
+        bko = min(128, max(16, triton_next_pow2(DK)))
+        grid = (n_chunks, math.ceil(DK / bko), B)
+        dq = torch.empty(B, T, DK, dtype=torch.float32, device=dev)
+        dk = torch.empty(B, T, DK, dtype=torch.float32, device=dev)
+        bkd = min(64, max(16, triton_next_pow2(D)))
+        for out, for_dq in ((dq, True), (dk, False)):
+            kern.bwd_dqdk[grid](q, k, g, u, s, lse, dg, out, T, n_chunks, scale * LOG2E, scale,
+                                DK=DK, D=D, BM=block_m, BK=min(bk, bkd), BKO=bko,
+                                FOR_DQ=for_dq, num_warps=4)
+        return (dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u, None, None, None, None)
+
+
+def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
+                    scale: float | None = None, block_m: int | None = None,
+                    block_d: int | None = None, precision: str = "tf32") -> Tensor:
+    """Fused feedback solve; returns ``s`` with the shape and dtype of ``f``.
+
+    Differentiable w.r.t. q_b, k_b, gamma and f. Inputs must be CUDA tensors (or CPU tensors
+    under ``TRITON_INTERPRET=1``) of dtype float16, bfloat16 or float32 (float64 is computed
+    in float32 and cast back). ``block_m`` (rows per chunk, a power of two >= 16),
+    ``block_d`` (channels per program) and ``precision`` (Triton ``input_precision`` of the
+    float32 in-chunk products: "tf32", "tf32x3" or "ieee") are tuning knobs.
+    """
+    check_feedback_inputs(q_b, k_b, gamma, f)
+    if not (f.is_cuda or _interpreting()):
+        raise ValueError("feedback_triton needs CUDA tensors (or TRITON_INTERPRET=1 for tests); "
+                         "use sessa_kernels.chunked.feedback_chunked on CPU")
+    _, T, DK = q_b.shape
+    D = f.shape[-1]
+    scale = DK**-0.5 if scale is None else float(scale)
+    if T == 0:
+        return f.clone()
+    bm, bd = _blocks(T, D, block_m, block_d)
+    if bm < 16 or bm & (bm - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {bm}")
+    if precision not in ("tf32", "tf32x3", "ieee"):
+        raise ValueError(f"precision must be tf32, tf32x3 or ieee, got {precision!r}")
+    if f.dtype == torch.float64:
+        args = [x.float() for x in (q_b, k_b, gamma, f)]
+        return _FeedbackTriton.apply(*args, scale, bm, bd, precision).double()
+    dt = f.dtype
+    if dt not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"unsupported dtype {dt}")
+    return _FeedbackTriton.apply(q_b.to(dt), k_b.to(dt), gamma, f, scale, bm, bd, precision)
