@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 COMPRESSIONS = ("", ".gz", ".zst")
 
 

@@ -1,0 +1,1 @@
+"""Synthetic long-context tasks (SymbolSoup, MQAR, passkey) written as masked task shards."""
