@@ -9,6 +9,7 @@ model's sha256, which manifests carry and the loader checks.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -76,9 +77,10 @@ def train_tokenizer(inputs: list[str], vocab_size: int, model_type: str, out_pre
     prefix = Path(out_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)
+    model = io.BytesIO()  # no model_prefix: the output path must not end up in the model
     spm.SentencePieceTrainer.train(
         sentence_iterator=_lines(inputs, text_field, max_input_bytes),
-        model_prefix=str(prefix),
+        model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=character_coverage,
@@ -95,13 +97,22 @@ def train_tokenizer(inputs: list[str], vocab_size: int, model_type: str, out_pre
         num_threads=num_threads,
         minloglevel=2,
     )
+    _atomic_write(Path(f"{prefix}.model"), model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n"
+                    for i in range(sp.get_piece_size()))
+    _atomic_write(Path(f"{prefix}.vocab"), vocab.encode("utf-8"))
     info = tokenizer_info(f"{prefix}.model")
     record = {"model": Path(info.model_path).name, "sha256": info.sha256,
               "vocab_size": info.vocab_size, "model_type": model_type,
               "special_ids": {"unk": info.unk_id, "bos": info.bos_id, "eos": info.eos_id,
                               "pad": info.pad_id},
               "byte_fallback": True, "normalization": normalization, "inputs": [str(p) for p in inputs], "seed": seed}
-    tmp = Path(f"{prefix}.json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, f"{prefix}.json")
+    _atomic_write(Path(f"{prefix}.json"), (json.dumps(record, indent=2) + "\n").encode())
     return info
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
