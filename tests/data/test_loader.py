@@ -49,7 +49,7 @@ def global_batches(ds: TokenShardDataset, dp: int, steps: int, start_cursor: int
                 break
         assert loader.cursor == start_cursor + steps * G
         per_rank.append(ids)
-    return [sum((per_rank[r][k] for r in range(dp)), []) for k in range(steps)]
+    return [[i for r in range(dp) for i in per_rank[r][k]] for k in range(steps)]
 
 
 def test_batch_contents(train_ds: TokenShardDataset) -> None:
