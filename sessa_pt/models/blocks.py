@@ -63,6 +63,8 @@ class SessaBlock(GatedBlock):
         """
         sd = {k: v for k, v in state_dict.items()
               if k != "mixer.rope_inv_freq" and v.dtype != torch.bool}
+        if "mixer.gamma_bias" in sd:      # the reference stores a 0-dim scalar; ours is (1,)
+            sd["mixer.gamma_bias"] = sd["mixer.gamma_bias"].reshape(1)
         if "W_in.weight" not in sd:
             raise KeyError("not a Sessa reference layer: 'W_in.weight' is missing "
                            f"(keys: {sorted(state_dict)[:8]}...)")

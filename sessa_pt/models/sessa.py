@@ -59,8 +59,11 @@ class SessaMixer(AttentionMixer):
         # nn.Linear's default init gives the reference's spread of initial gains (mean ~0.7).
         self.gamma_ctx.weight._no_reinit = True
         # A plain Parameter, not a Linear bias, so generic re-initialisation never touches it
-        # (SPEC pitfall 5).
-        self.gamma_bias = nn.Parameter(torch.tensor(float(gamma_bias_init)))
+        # (SPEC pitfall 5). Shape (1,) rather than the reference's scalar: DeepSpeed broadcasts
+        # parameters as bytes, which a 0-dim tensor cannot be viewed as (from_reference
+        # reshapes).
+        self.gamma_bias = nn.Parameter(torch.full((1,), float(gamma_bias_init)))
+        self.gamma_bias._no_reinit = True
         # Hook points for tensor parallelism (identity here; sessa_pt.parallel replaces them):
         # the routing is shared by all channels, so a TP rank solves its own slice of channels
         # (f_to_local) and the routing inputs' gradients are summed over ranks (routing_grad_sync).

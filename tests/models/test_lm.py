@@ -100,7 +100,7 @@ def test_init_keeps_special_parameters():
     before = lm.blocks[0].mixer.gamma_ctx.weight.clone()
     lm.init_weights()
     m = lm.blocks[0].mixer
-    assert m.gamma_bias.item() == 1.0
+    assert m.gamma_bias.item() == 1.0 and m.gamma_bias.shape == (1,)
     assert torch.equal(m.gamma_ctx.weight, before)
     assert abs(m.q_proj.weight.std().item() - 0.02) < 0.004
     assert lm.blocks[0].W_out.weight.std().item() < 0.02 / (2 * 4) ** 0.5 * 1.3

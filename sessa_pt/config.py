@@ -1,0 +1,314 @@
+"""The run configuration: one documented dataclass tree, loaded from a YAML recipe with
+``key=value`` overrides, validated before anything starts.
+
+A recipe may name a ``base:`` recipe (path relative to itself) whose values it overrides, so a
+family of matched recipes shares one base and differs only where it says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from sessa_pt.models.config import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1                 # tensor parallel size (megatron-core layers)
+    pp: int = 1                 # pipeline parallel size (DeepSpeed PipelineModule)
+    zero_stage: int = 1         # DeepSpeed ZeRO stage 0-3 (pp > 1 allows 0 and 1 only)
+    grad_accum_dtype: str = "fp32"  # gradient accumulation dtype under bf16 (fp32 | bf16)
+    # data parallel size = world_size / (tp * pp)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""             # path to a train manifest.json (sessa-data tokenize output)
+    valid: str = ""             # path to a validation manifest.json ("" = no validation)
+    seq_len: int = 256          # must equal the shards' seq_len
+    tokenizer_hash: str = ""    # expected sha256 of the tokenizer ("" = take the train shards')
+    num_workers: int = 1        # DataLoader workers per rank
+    skip_corrupt: bool = False  # skip (and log) corrupt shards instead of failing
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0       # 0 disables clipping
+    schedule: str = "cosine"     # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2  # wsd: fraction of steps in the final linear decay
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100             # optimizer steps
+    micro_batch_size: int = 8    # sequences per rank per micro step
+    global_batch_size: int = 16  # sequences per optimizer step (= micro * grad_accum * dp)
+    precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50              # save every N steps (and at the end); 0 = only at the end
+    keep_last: int = 2           # keep the newest K complete checkpoints
+    resume: bool = True          # resume from the newest complete checkpoint in run.dir
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""                # "" = MLFLOW_TRACKING_URI, else a local store in run.dir
+    experiment: str = "sessa_pt"
+    run_name: str = ""           # "" = the recipe name
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50              # validation every N steps (and at the end); 0 = only at the end
+    max_batches: int = 20        # micro-batches per rank per validation (0 = the whole set)
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""                # run directory ("" = runs/<recipe name>)
+    seed: int = 1234             # model init and data order
+    name: str = ""               # recipe name (filled from the recipe file)
+    peak_tflops: float = 0.0     # accelerator peak for MFU (0 = look up by device name)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message says what to change."""
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe(path: str | pathlib.Path) -> dict:
+    """A recipe's YAML as a dict, with its ``base:`` chain merged underneath."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist (recipes live in recipes/, e.g. "
+                          "recipes/tiny/sessa.yaml)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a YAML mapping")
+    base = raw.pop("base", None)
+    if base:
+        raw = _merge(read_recipe(path.parent / base), raw)
+    return raw
+
+
+def _coerce(value: str) -> Any:
+    return yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``a.b.c=value`` overrides (values parsed as YAML: 3, 1e-3, true, [a, b], null)."""
+    raw = _merge({}, raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value "
+                              "(e.g. train.steps=10)")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        node[parts[-1]] = _coerce(value)
+    return raw
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "
+                          f"valid keys of {where or 'the top level'}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in data.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = _build(t, v, f"{where}{k}.")
+        else:
+            kwargs[k] = _check_type(v, t, f"{where}{k}")
+    return cls(**kwargs)
+
+
+def _check_type(v: Any, t: Any, key: str) -> Any:
+    origin = typing.get_origin(t)
+    args = typing.get_args(t)
+    if v is None and (t is type(None) or type(None) in args):
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(v, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={v!r} has the wrong type (expected {t})")
+    if origin is list:
+        if not isinstance(v, list):
+            raise ConfigError(f"{key} must be a list, got {v!r}")
+        return [_check_type(x, args[0], key) for x in v] if args else v
+    if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    if t in (int, str, bool) and not (isinstance(v, t) and not (t is int and isinstance(v, bool))):
+        raise ConfigError(f"{key}={v!r} has the wrong type (expected {t.__name__})")
+    return v
+
+
+def load_config(recipe: str | pathlib.Path | None, overrides: list[str] | None = None) -> Config:
+    raw = read_recipe(recipe) if recipe else {}
+    raw = apply_overrides(raw, overrides or [])
+    cfg = _build(Config, raw, "")
+    if recipe and not cfg.run.name:
+        cfg.run.name = pathlib.Path(recipe).stem if pathlib.Path(recipe).stem != "base" else \
+            pathlib.Path(recipe).parent.name
+    if not cfg.run.dir:
+        cfg.run.dir = str(pathlib.Path("runs") / (cfg.run.name or "run"))
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
+    """Every reason this config cannot run on ``world_size`` processes; empty when it can."""
+    e: list[str] = []
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    try:
+        m.validate()
+    except ValueError as err:
+        e.append(str(err))
+    if p.tp < 1 or p.pp < 1:
+        e.append("parallel.tp and parallel.pp must be >= 1")
+        return e
+    if world_size % (p.tp * p.pp):
+        e.append(f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp}; launch a "
+                 f"multiple of {p.tp * p.pp} processes or change parallel.tp/parallel.pp")
+        return e
+    dp = world_size // (p.tp * p.pp)
+    if p.zero_stage not in (0, 1, 2, 3):
+        e.append(f"parallel.zero_stage={p.zero_stage}: choose 0, 1, 2 or 3")
+    if p.pp > 1 and p.zero_stage >= 2:
+        e.append(f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: DeepSpeed's "
+                 "pipeline engine supports ZeRO stages 0 and 1 only; set parallel.zero_stage=1")
+    if p.pp > m.n_layers:
+        e.append(f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}")
+    if p.tp > 1:
+        kv = m.n_kv_heads or m.n_heads
+        if m.n_heads % p.tp or kv % p.tp:
+            e.append(f"model.n_heads={m.n_heads} and n_kv_heads={kv} must be divisible by "
+                     f"parallel.tp={p.tp}")
+        if m.d_model % p.tp:
+            e.append(f"model.d_model={m.d_model} must be divisible by parallel.tp={p.tp}")
+        if m.vocab_size % p.tp:
+            padded = -(-m.vocab_size // (128 * p.tp)) * 128 * p.tp
+            e.append(f"model.vocab_size={m.vocab_size} is not a multiple of parallel.tp={p.tp}: "
+                     f"pad it (e.g. model.vocab_size={padded}; extra rows are never targets)")
+        if "mamba2" in m.mixers():
+            e.append("tensor parallelism is not implemented for the mamba2 mixer; use "
+                     "parallel.tp=1 (data and pipeline parallelism work)")
+    precision = resolve_precision(cfg, cuda)
+    if precision == "bf16" and p.pp > 1 and p.grad_accum_dtype != "fp32":
+        e.append("bf16 with parallel.pp>1 needs fp32 gradient accumulation (bf16 accumulation "
+                 "over micro-batches diverges); set parallel.grad_accum_dtype=fp32")
+    if p.grad_accum_dtype not in ("fp32", "bf16"):
+        e.append(f"parallel.grad_accum_dtype={p.grad_accum_dtype!r}: choose fp32 or bf16")
+    if cfg.optim.grad_clip > 0 and p.zero_stage == 0:
+        if p.pp > 1 and precision == "fp32":
+            e.append("fp32 + parallel.pp>1 + zero_stage=0 with gradient clipping: DeepSpeed "
+                     "0.19.8 computes the grad norm on stage 0's parameters only; set "
+                     "parallel.zero_stage=1")
+        if p.tp > 1 and p.pp == 1 and precision == "bf16":
+            e.append("bf16 + parallel.tp>1 + zero_stage=0: DeepSpeed 0.19.8's bf16 optimizer "
+                     "loses the tensor-parallel flags and clips with a wrong grad norm; set "
+                     "parallel.zero_stage=1")
+    if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
+        e.append("train.micro_batch_size and train.global_batch_size must be positive")
+    elif t.global_batch_size % (t.micro_batch_size * dp):
+        e.append(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+                 f"micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+    if t.precision not in ("auto", "bf16", "fp32"):
+        e.append(f"train.precision={t.precision!r}: choose auto, bf16 or fp32")
+    if t.steps <= 0:
+        e.append("train.steps must be positive")
+    o = cfg.optim
+    if o.schedule not in ("cosine", "wsd", "constant"):
+        e.append(f"optim.schedule={o.schedule!r}: choose cosine, wsd or constant")
+    if not 0 <= o.decay_fraction <= 1:
+        e.append("optim.decay_fraction must lie in [0, 1]")
+    if not cfg.data.train:
+        e.append("data.train is empty: point it at a train manifest.json written by "
+                 "`sessa-data tokenize` (e.g. data.train=data/shards/train/manifest.json)")
+    if m.sessa.impl == "triton" and not cuda and "sessa" in m.mixers():
+        e.append("model.sessa.impl=triton needs a GPU; use model.sessa.impl=chunked on CPU")
+    return e
+
+
+def resolve_precision(cfg: Config, cuda: bool) -> str:
+    if cfg.train.precision == "auto":
+        return "bf16" if cuda else "fp32"
+    return cfg.train.precision
+
+
+def check(cfg: Config, world_size: int, cuda: bool) -> None:
+    errors = validate(cfg, world_size, cuda)
+    if errors:
+        raise ConfigError("the run configuration cannot run:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,88 @@
+"""The DeepSpeed engine: data parallelism and ZeRO around the (TP / PP) model.
+
+The optimizer is torch's AdamW handed to DeepSpeed as a client optimizer: DeepSpeed's own
+FusedAdam is JIT-compiled, which costs ~50 s on CPU and fails on the GPU image (its
+TORCH_CUDA_ARCH_LIST=9.0a cannot be parsed by DeepSpeed's op builder; shared/gpu/README.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sessa_pt.config import Config, resolve_precision
+
+
+def deepspeed_config(cfg: Config, dp: int, cuda: bool) -> dict:
+    t, p = cfg.train, cfg.parallel
+    bf16 = resolve_precision(cfg, cuda) == "bf16"
+    gas = t.global_batch_size // (t.micro_batch_size * dp)
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        # DeepSpeed's default is 1.0, not "off": always set it explicitly (stack.md).
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_optimization": {"stage": p.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if bf16 and p.pp > 1:
+        ds["data_types"] = {"grad_accum_dtype": p.grad_accum_dtype}
+    return ds
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, scalars and parameters flagged ``_no_weight_decay``."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or getattr(p, "_no_weight_decay", False) or "norm" in name \
+                or ".ln" in name or name.endswith("bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: Config):
+    """Multiplier of optim.lr at optimizer step s (0-based): linear warmup, then cosine to
+    min_lr, or WSD (constant, then a linear decay over the last decay_fraction of steps)."""
+    o, total = cfg.optim, cfg.train.steps
+    floor = o.min_lr / o.lr if o.lr > 0 else 0.0
+    warm = max(0, o.warmup_steps)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if o.schedule == "constant":
+            return 1.0
+        if o.schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay_start = total - int(round(o.decay_fraction * total))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
+        return 1.0 - (1.0 - floor) * progress
+
+    return f
+
+
+def build_engine(model: nn.Module, cfg: Config, dp: int, cuda: bool, mpu=None):
+    import deepspeed
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,
+                                  betas=(o.beta1, o.beta2), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, dp, cuda), mpu=mpu)
+    return engine

@@ -1,0 +1,146 @@
+"""The model as this rank runs it: plain stages (embedding, blocks, head) built under their own
+seeds, converted by the TP plan when tp > 1, and assembled either as one sequential module
+(pp == 1) or as a DeepSpeed ``PipelineModule`` (pp > 1, with the embedding tied to the head
+through ``TiedLayerSpec``).
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sessa_pt.models.config import ModelConfig
+from sessa_pt.models.lm import build_stage, lm_loss
+from sessa_pt.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    megatron_config,
+    plain_state_dict,
+    vocab_parallel_lm_loss,
+)
+from sessa_pt.parallel.topology import ParallelLayout
+
+
+def plain_prefix(cfg: ModelConfig, index: int) -> str:
+    if index == 0:
+        return "embed."
+    if index <= cfg.n_layers:
+        return f"blocks.{index - 1}."
+    return "head."
+
+
+class Stage(nn.Module):
+    """One model stage (``m``), with the name it has in the plain DecoderLM."""
+
+    def __init__(self, cfg: ModelConfig, index: int, seed: int, tp: int, pp: int) -> None:
+        super().__init__()
+        module = build_stage(cfg, index, seed)
+        if tp > 1:
+            module = apply_tensor_parallel(module, megatron_config(tp, pp))
+        self.m = module
+        self.plain_prefix = plain_prefix(cfg, index)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.m(x)
+
+
+class HeadStage(Stage):
+    """The final norm + an untied projection, or (tied) only the norm: the tied embedding layer
+    that follows computes the logits."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.m.weight is None:
+            return self.m.norm(h)
+        return self.m(h)
+
+
+def loss_function(tp: int):
+    return vocab_parallel_lm_loss if tp > 1 else lm_loss
+
+
+class SequentialLM(nn.Module):
+    """All stages on this rank (pp == 1): forward(input_ids, labels, loss_mask) -> loss."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, layout: ParallelLayout) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n = cfg.n_layers + 2
+        self.stages = nn.ModuleList(Stage(cfg, i, seed, layout.tp, 1) for i in range(n))
+        self.loss_fn = loss_function(layout.tp)
+
+    def logits(self, input_ids: Tensor) -> Tensor:
+        h = self.stages[0](input_ids)
+        for stage in self.stages[1:-1]:
+            h = stage(h)
+        return self.stages[-1].m(h, self.stages[0].m.weight)
+
+    def forward(self, input_ids: Tensor, labels: Tensor, loss_mask: Tensor | None = None
+                ) -> Tensor:
+        return self.loss_fn(self.logits(input_ids), labels, loss_mask)
+
+
+def _tied_logits(embedding: Stage, h: Tensor) -> Tensor:
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    if dist.is_initialized():
+        from megatron.core import parallel_state as ps
+
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            h = copy_to_tensor_model_parallel_region(h)
+    return F.linear(h, embedding.m.weight)
+
+
+def build_pipeline(cfg: ModelConfig, seed: int, layout: ParallelLayout, topology):
+    """DeepSpeed PipelineModule over [embedding, blocks..., head]; layers are partitioned
+    uniformly by parameter count-free index ranges (one block each, embedding/head extra)."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    L, tp, pp = cfg.n_layers, layout.tp, layout.pp
+    loss_fn = loss_function(tp)
+    layers = []
+    if cfg.tie_embeddings:
+        layers.append(TiedLayerSpec("embed", Stage, cfg, 0, seed, tp, pp,
+                                    tied_weight_attr="m.weight"))
+    else:
+        layers.append(LayerSpec(Stage, cfg, 0, seed, tp, pp))
+    layers += [LayerSpec(Stage, cfg, i, seed, tp, pp) for i in range(1, L + 1)]
+    layers.append(LayerSpec(HeadStage, cfg, L + 1, seed, tp, pp))
+    if cfg.tie_embeddings:
+        layers.append(TiedLayerSpec("embed", Stage, cfg, 0, seed, tp, pp,
+                                    forward_fn=_tied_logits, tied_weight_attr="m.weight"))
+
+    def pipe_loss(logits: Tensor, target) -> Tensor:
+        labels, loss_mask = target
+        return loss_fn(logits, labels, loss_mask)
+
+    return PipelineModule(layers=layers, loss_fn=pipe_loss, topology=topology,
+                          partition_method="type:Stage", activation_checkpoint_interval=0)
+
+
+def stage_modules(model: nn.Module) -> list[Stage]:
+    return [m for m in model.modules() if isinstance(m, Stage)]
+
+
+def local_plain_state(model: nn.Module) -> dict[str, Tensor]:
+    """This rank's stages as plain DecoderLM entries (TP slices gathered: collective over TP)."""
+    out: dict[str, Tensor] = {}
+    for stage in stage_modules(model):
+        for k, v in plain_state_dict(stage.m, stage.plain_prefix).items():
+            out.setdefault(k, v)
+    return out
+
+
+def full_plain_state(model: nn.Module) -> dict[str, Tensor] | None:
+    """The whole plain DecoderLM state dict on global rank 0 (None elsewhere). Collective."""
+    local = {k: v.float().cpu() for k, v in local_plain_state(model).items()}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    merged: dict[str, Tensor] = {}
+    for part in parts:
+        for k, v in part.items():
+            merged.setdefault(k, v)
+    return merged

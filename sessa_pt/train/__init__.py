@@ -1,0 +1,1 @@
+"""Training: the torchrun entry point, the loop, checkpoints, tracking, schedules."""

@@ -1,0 +1,3 @@
+from sessa_pt.train.main import main
+
+main()
