@@ -227,3 +227,43 @@ def bwd_dqdk(Q, K, G, U, S, LSE, DG, OUT, T, n_chunks, scale_log2, scale,
     offs_o = blk * BM + ar
     tl.store(OUT + b * T * DK + offs_o[:, None] * DK + ko[None, :], acc * scale,
              mask=(offs_o[:, None] < T) & (ko[None, :] < DK))
+
+
+@triton.jit
+def bwd_dqdk_pairs(Q, K, G, U, S, LSE, DG, DQ, DKK, T, scale_log2, scale,
+                   DK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                   BKO: tl.constexpr):
+    """Program (row chunk r, column chunk c <= r, batch): dlogit for the tile pair computed
+    once (contractions over DK and D), then all DK output columns of dq[r] and dk[c] by
+    float32 atomic adds (products in tf32 on the float32 dlogit, for accuracy)."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    if c <= r:
+        b = tl.program_id(2).to(tl.int64)
+        q_ptr = Q + b * T * DK
+        k_ptr = K + b * T * DK
+        ar = tl.arange(0, BM)
+        offs_m = r * BM + ar
+        offs_n = c * BM + ar
+        rmask = offs_m < T
+        nmask = offs_n < T
+        sc = _scores(q_ptr, k_ptr, r * BM, c * BM, T, DK, BM, BM, BK) * scale_log2
+        lse = tl.load(LSE + b * T + offs_m, mask=rmask, other=float("inf"))
+        strict = (offs_n[None, :] < offs_m[:, None]) & nmask[None, :]
+        p = tl.where(strict, tl.exp2(sc - lse[:, None]), 0.0)
+        gu = _scores(U + b * T * D, S + b * T * D, r * BM, c * BM, T, D, BM, BM, BK)
+        g = tl.load(G + b * T + offs_m, mask=rmask, other=0.0).to(tl.float32)
+        dg = tl.load(DG + b * T + offs_m, mask=rmask, other=0.0)
+        dl = p * (g * scale)[:, None] * (gu - dg[:, None])
+        dl_t = tl.trans(dl)
+        for k0 in range(0, DK, BKO):
+            ko = k0 + tl.arange(0, BKO)
+            kmask = ko[None, :] < DK
+            kv = tl.load(k_ptr + offs_n[:, None] * DK + ko[None, :],
+                         mask=nmask[:, None] & kmask, other=0.0).to(tl.float32)
+            tl.atomic_add(DQ + b * T * DK + offs_m[:, None] * DK + ko[None, :],
+                          tl.dot(dl, kv), mask=rmask[:, None] & kmask, sem="relaxed")
+            qv = tl.load(q_ptr + offs_m[:, None] * DK + ko[None, :],
+                         mask=rmask[:, None] & kmask, other=0.0).to(tl.float32)
+            tl.atomic_add(DKK + b * T * DK + offs_n[:, None] * DK + ko[None, :],
+                          tl.dot(dl_t, qv), mask=nmask[:, None] & kmask, sem="relaxed")

@@ -90,15 +90,23 @@ class _FeedbackTriton(torch.autograd.Function):
             DK=DK, D=D, BM=block_m, BK=bk, BD=block_d, N_DBLK=n_dblk,
             LOG2_BM=int(math.log2(block_m)), PREC=prec,
             num_warps=8 if block_d >= 256 else 4)
-        bko = min(128, max(16, triton_next_pow2(DK)))
-        grid = (n_chunks, math.ceil(DK / bko), B)
-        dq = torch.empty(B, T, DK, dtype=torch.float32, device=dev)
-        dk = torch.empty(B, T, DK, dtype=torch.float32, device=dev)
         bkd = min(64, max(16, triton_next_pow2(D)))
-        for out, for_dq in ((dq, True), (dk, False)):
-            kern.bwd_dqdk[grid](q, k, g, u, s, lse, dg, out, T, n_chunks, scale * LOG2E, scale,
-                                DK=DK, D=D, BM=block_m, BK=min(bk, bkd), BKO=bko,
-                                FOR_DQ=for_dq, num_warps=4)
+        if os.environ.get("SESSA_DQDK", "pairs") == "pairs":
+            dq = torch.zeros(B, T, DK, dtype=torch.float32, device=dev)
+            dk = torch.zeros(B, T, DK, dtype=torch.float32, device=dev)
+            bko = min(64, max(16, triton_next_pow2(DK)))
+            kern.bwd_dqdk_pairs[(n_chunks, n_chunks, B)](
+                q, k, g, u, s, lse, dg, dq, dk, T, scale * LOG2E, scale,
+                DK=DK, D=D, BM=block_m, BK=min(bk, bkd), BKO=bko, num_warps=4)
+        else:
+            bko = min(128, max(16, triton_next_pow2(DK)))
+            grid = (n_chunks, math.ceil(DK / bko), B)
+            dq = torch.empty(B, T, DK, dtype=torch.float32, device=dev)
+            dk = torch.empty(B, T, DK, dtype=torch.float32, device=dev)
+            for out, for_dq in ((dq, True), (dk, False)):
+                kern.bwd_dqdk[grid](q, k, g, u, s, lse, dg, out, T, n_chunks, scale * LOG2E,
+                                    scale, DK=DK, D=D, BM=block_m, BK=min(bk, bkd), BKO=bko,
+                                    FOR_DQ=for_dq, num_warps=4)
         return (dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u, None, None, None, None)
 
 
