@@ -73,7 +73,8 @@ find_root() {
   local cmd=""
   if [ -n "${SESSA_ROOT:-}" ]; then echo "$SESSA_ROOT"; return; fi
   if [ -n "${SLURM_JOB_ID:-}" ]; then   # the submitted script's path is the job's Command=
-    cmd=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'Command=[^ ]*' | cut -d= -f2- || true)
+    # (-m1: for an array job scontrol may list several tasks, all with the same Command)
+    cmd=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -m1 -o 'Command=[^ ]*' | cut -d= -f2- || true)
   fi
   [ -n "$cmd" ] && [ -f "$cmd" ] || cmd=${BASH_SOURCE[0]}
   (cd "$(dirname "$cmd")/.." 2>/dev/null && pwd) || true
