@@ -66,6 +66,11 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         _skip_deepspeed_shm_op()
     dist.init_process_group("nccl" if cuda else "gloo",
                             timeout=datetime.timedelta(minutes=timeout_minutes))
+    import deepspeed
+
+    # DeepSpeed keeps its own handle on the (already initialised) default group; the pipeline
+    # module asserts it exists.
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
 
 
 def _skip_deepspeed_shm_op() -> None:

@@ -91,6 +91,7 @@ class Trainer:
         self._build_model()
         self.stop = StopRequest(self.run_dir / "STOP")
         self.step = 0
+        self.last_eval: dict[str, float] | None = None
         self.run_id: str | None = None
         self.tracker = Tracker(self.rank == 0 and cfg.tracking.enabled,
                                resolve_uri(cfg.tracking.uri, cfg.run.dir),
@@ -320,6 +321,7 @@ class Trainer:
             last = self.step == c.train.steps
             if (c.eval.every and self.step % c.eval.every == 0) or last:
                 ev = self.evaluate()
+                self.last_eval = ev or self.last_eval
                 if ev:
                     self.log(f"step {self.step}: val_loss {ev['val_loss']:.4f} "
                              f"val_ppl {ev['val_ppl']:.2f}")
@@ -331,7 +333,7 @@ class Trainer:
         if self.rank == 0:
             summary = {"state": state, "step": self.step, "checkpoint": str(path.resolve()),
                        "run_dir": str(self.run_dir.resolve()), "mlflow_run_id": self.run_id,
-                       "tracking_uri": self.tracker.uri}
+                       "tracking_uri": self.tracker.uri, **(self.last_eval or {})}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.tracker.log_artifact(self.run_dir / "config.yaml")
             self.tracker.log_artifact(self.run_dir / "summary.json")
