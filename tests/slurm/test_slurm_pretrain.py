@@ -1,0 +1,145 @@
+"""slurm/pretrain.sh on a real single-node Slurm with the real trainer (tiny CPU recipe, 2
+processes through srun + torchrun): a job completes with its checkpoint and mlflow run; a job
+signalled mid-run checkpoints, requeues itself and finishes with the losses of an uninterrupted
+run in the same mlflow run; a failing job ends non-zero with a readable error in its log."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "tiny" / "sessa.yaml"
+PRETRAIN = ROOT / "slurm" / "pretrain.sh"
+STEPS = 48
+CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=10"]   # the #SBATCH defaults are GPU
+
+
+def overrides(data: dict, run_dir: Path) -> list[str]:
+    kv = {**data, "train.steps": STEPS, "checkpoint.every": 16, "eval.every": 0,
+          "eval.max_batches": 2, "data.num_workers": 0, "run.dir": run_dir}
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+def submit(slurm: LocalSlurm, log: Path, *args: str) -> subprocess.Popen:
+    """sbatch --wait in the background; its first stdout line is the job id (--parsable)."""
+    return subprocess.Popen(["sbatch", "--wait", "--parsable", f"--output={log}", *CPU_JOB,
+                             str(PRETRAIN), *args], cwd=ROOT, env=slurm.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm: LocalSlurm, tiny_data: dict, tmp_path_factory) -> tuple[Path, Path, int]:
+    """One uninterrupted job: (run dir, job log, sbatch exit code)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run_dir, log = tmp / "run", tmp / "job.out"
+    job = submit(slurm, log, str(RECIPE), *overrides(tiny_data, run_dir))
+    job.communicate(timeout=300)
+    return run_dir, log, job.returncode
+
+
+def test_pretrain_job_completes_with_checkpoint_and_mlflow_run(reference_run) -> None:
+    run_dir, log, rc = reference_run
+    text = log.read_text()
+    assert rc == 0, text
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == STEPS, status
+    assert (run_dir / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").exists()
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    assert "2 proc/node" in text and "run finished" in text
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=status["tracking_uri"])
+    run = client.get_run(status["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == \
+        list(range(1, STEPS + 1))
+
+
+def test_signalled_job_requeues_and_resumes_like_an_uninterrupted_run(
+        slurm: LocalSlurm, tiny_data: dict, reference_run, tmp_path: Path) -> None:
+    ref_dir, _, ref_rc = reference_run
+    assert ref_rc == 0
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = submit(slurm, log, str(RECIPE), *overrides(tiny_data, run_dir))
+    job_id = job.stdout.readline().strip().split(";")[0]
+    assert job_id.isdigit(), job_id
+
+    # Signal the batch shell as Slurm would before the time limit (--signal=B:USR1@...), once
+    # the trainer is a few steps in.
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        train_log = run_dir / "train_log.jsonl"
+        if train_log.exists() and len(train_log.read_text().splitlines()) >= 3:
+            break
+        assert job.poll() is None, f"job ended before it was signalled:\n{log.read_text()}"
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the trainer did not reach step 3:\n{log.read_text()}")
+    slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+
+    # The first attempt stops with a checkpoint and requeues; keep its mlflow run id.
+    first_id = None
+    while time.monotonic() < deadline and job.poll() is None:
+        status_file = run_dir / "status.json"
+        if status_file.exists():
+            status = json.loads(status_file.read_text())
+            if status.get("state") == "preempted":
+                first_id = status["mlflow_run_id"]
+                stopped_at = status["step"]
+                break
+        time.sleep(0.2)
+    _, err = job.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    text = log.read_text()
+    assert job.returncode == 0, f"{err}\n{text}"
+    assert first_id, f"the job never reported 'preempted':\n{text}"
+    assert 3 <= stopped_at < STEPS, text
+
+    assert "got SIGUSR1" in text and f"requeueing job {job_id}" in text, text
+    assert f"job {job_id} (restart 1)" in text, text          # the same job ran again
+    assert slurm.final_record(job_id).get("JobState") == "COMPLETED"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == STEPS, status
+    assert status["mlflow_run_id"] == first_id                 # resumed into the same mlflow run
+    assert not (run_dir / "STOP").exists()
+    assert losses(run_dir) == losses(ref_dir)                   # exact resume
+
+
+@pytest.mark.parametrize("case", ["bad_override", "missing_recipe"])
+def test_failing_job_exits_nonzero_with_readable_error(
+        slurm: LocalSlurm, tiny_data: dict, tmp_path: Path, case: str) -> None:
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    if case == "bad_override":
+        args = [str(RECIPE), *overrides(tiny_data, run_dir), "train.stepz=5"]
+        expect = "train.stepz"
+    else:
+        args = ["recipes/tiny/no_such_recipe.yaml"]
+        expect = "recipe file 'recipes/tiny/no_such_recipe.yaml' not found"
+    job = submit(slurm, log, *args)
+    out, err = job.communicate(timeout=180)
+    text = log.read_text()
+    assert job.returncode != 0, text
+    assert expect in text, text
+    assert slurm.final_record(out.strip().split(";")[0]).get("JobState") == "FAILED"
+
+
+def test_outside_slurm_prints_a_clear_error() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    for script in ("pretrain.sh", "eval.sh"):
+        r = subprocess.run(["bash", str(ROOT / "slurm" / script), str(RECIPE)], env=env,
+                           cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2
+        assert "not running inside a Slurm job" in r.stderr and "sbatch" in r.stderr, r.stderr
