@@ -13,8 +13,9 @@
 #   slurm/sweep.sh --seeds 0,1,2 recipes/matched_125m train.steps=20000 -- --nodes=2 --time=2-00:00:00
 #   slurm/sweep.sh recipes/tiny -- --gpus-per-node=0 --cpus-per-task=2 --time=30
 #
-# RECIPE_DIR holds the family: every *.yaml / *.yml in it (not recursive), sorted by name; the
-# recipes are expected to share one training budget (tokens, schedule), so only the model differs.
+# RECIPE_DIR holds the family: every *.yaml / *.yml in it (not recursive), sorted by name, except
+# files that another recipe names as its `base:` (the family's shared settings); the recipes are
+# expected to share one training budget (tokens, schedule), so only the model differs.
 # The key=value overrides apply to every task; run.dir and run.seed are set per task and may not
 # be given. Writes DIR/plan.tsv (line i+1 = array task i: recipe, seed, run dir
 # DIR/<recipe>-seed<seed>) and submits slurm/pretrain.sh as an array with SESSA_SWEEP_PLAN=plan;
@@ -59,8 +60,18 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-mapfile -t recipes < <(find "$recipe_dir" -maxdepth 1 -type f \( -name '*.yaml' -o -name '*.yml' \) | sort)
-[ ${#recipes[@]} -ge 1 ] || die "no *.yaml recipes in '$recipe_dir'"
+mapfile -t candidates < <(find "$recipe_dir" -maxdepth 1 -type f \( -name '*.yaml' -o -name '*.yml' \) | sort)
+# A file that another recipe names as its `base:` is the family's shared base, not a member.
+bases=" "
+for recipe in "${candidates[@]}"; do
+  base=$(sed -n 's/^base:[[:space:]]*["'"'"']\{0,1\}\([^"'"'"' #]*\).*/\1/p' "$recipe" | head -n1)
+  [ -z "$base" ] || bases+="$(cd "$(dirname "$recipe")" && realpath -m "$base") "
+done
+recipes=()
+for recipe in "${candidates[@]}"; do
+  [[ $bases == *" $(realpath -m "$recipe") "* ]] || recipes+=("$recipe")
+done
+[ ${#recipes[@]} -ge 1 ] || die "no *.yaml recipes in '$recipe_dir' (other than shared bases)"
 family=$(basename "$(cd "$recipe_dir" && pwd)")
 out=${out:-runs/sweep-$family-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out/logs"

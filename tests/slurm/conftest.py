@@ -26,7 +26,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 def _alive(pid_file: Path) -> bool:
     try:
         stat = subprocess.run(["ps", "-o", "stat=", "-p", pid_file.read_text().strip()],
-                              capture_output=True, text=True).stdout.strip()
+                              capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         return False
     return bool(stat) and not stat.startswith("Z")
@@ -75,7 +75,7 @@ class LocalSlurm:
 
 @pytest.fixture(scope="session")
 def slurm() -> LocalSlurm:
-    inst = subprocess.run([str(LOCAL / "install.sh")], capture_output=True, text=True,
+    inst = subprocess.run([str(LOCAL / "install.sh")], capture_output=True, text=True, check=False,
                           timeout=2 * int(os.environ.get("SLURM_INSTALL_TIMEOUT", "300")) + 60)
     if inst.returncode == 2:
         pytest.skip(f"Slurm cannot be installed here: {inst.stderr.strip()}")
@@ -85,6 +85,7 @@ def slurm() -> LocalSlurm:
 
     started_here = not _alive(BASE / "run" / "slurmctld.pid")
     start = subprocess.run([str(LOCAL / "start.sh"), str(BASE)], capture_output=True, text=True,
+                           check=False,
                            timeout=120)
     assert start.returncode == 0, f"slurm/local/start.sh failed:\n{start.stdout}\n{start.stderr}"
 
@@ -97,7 +98,8 @@ def slurm() -> LocalSlurm:
         yield LocalSlurm(BASE, env)
     finally:
         if started_here:
-            subprocess.run([str(LOCAL / "stop.sh"), str(BASE)], capture_output=True, timeout=120)
+            subprocess.run([str(LOCAL / "stop.sh"), str(BASE)], capture_output=True, timeout=120,
+                           check=False)
 
 
 @pytest.fixture(scope="session")
@@ -115,9 +117,9 @@ def tiny_data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     with open(root / "corpus" / "austen.jsonl", encoding="utf-8") as src:
         text = json.loads(src.readline())["text"][:250_000]
     with open(docs, "w", encoding="utf-8") as dst:   # 25 documents so 10% can be held out
-        for i in range(0, len(text), 10_000):
-            dst.write(json.dumps({"text": text[i:i + 10_000], "source": "austen",
-                                  "doc_id": f"austen/slice{i}"}) + "\n")
+        dst.writelines(json.dumps({"text": text[i:i + 10_000], "source": "austen",
+                                   "doc_id": f"austen/slice{i}"}) + "\n"
+                       for i in range(0, len(text), 10_000))
     prefix = out / "tok" / "bpe512"
     train_tokenizer([str(docs)], 512, "bpe", str(prefix))
     tokenize_to_shards(TokenizeConfig(inputs=[str(docs)], tokenizer=f"{prefix}.model", seq_len=64,

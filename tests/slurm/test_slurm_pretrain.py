@@ -10,8 +10,12 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.slurm.conftest import LocalSlurm
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +133,7 @@ def test_failing_job_exits_nonzero_with_readable_error(
         args = ["recipes/tiny/no_such_recipe.yaml"]
         expect = "recipe file 'recipes/tiny/no_such_recipe.yaml' not found"
     job = submit(slurm, log, *args)
-    out, err = job.communicate(timeout=180)
+    out, _ = job.communicate(timeout=180)
     text = log.read_text()
     assert job.returncode != 0, text
     assert expect in text, text
@@ -140,6 +144,41 @@ def test_outside_slurm_prints_a_clear_error() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     for script in ("pretrain.sh", "eval.sh"):
         r = subprocess.run(["bash", str(ROOT / "slurm" / script), str(RECIPE)], env=env,
-                           cwd=ROOT, capture_output=True, text=True, timeout=30)
+                           cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
         assert r.returncode == 2
         assert "not running inside a Slurm job" in r.stderr and "sbatch" in r.stderr, r.stderr
+
+
+def test_sweep_runs_one_array_task_per_recipe_and_seed(
+        slurm: LocalSlurm, tiny_data: dict, tmp_path: Path) -> None:
+    family = tmp_path / "family"          # the tiny family's base and its Sessa member
+    family.mkdir()
+    for name in ("base.yaml", "sessa.yaml"):
+        (family / name).write_text((RECIPE.parent / name).read_text())
+    common = {**tiny_data, "train.steps": 4, "checkpoint.every": 0, "eval.every": 0,
+              "eval.max_batches": 1, "data.num_workers": 0}
+    out = tmp_path / "sweep"
+    r = slurm.run(str(ROOT / "slurm" / "sweep.sh"), "--seeds", "1,2", "--out", str(out),
+                  str(family), *[f"{k}={v}" for k, v in common.items()], "--", *CPU_JOB,
+                  cwd=ROOT)
+    job_id = r.stdout.strip()
+    assert job_id.isdigit(), r.stderr
+    assert "2 tasks (1 recipes x 2 seeds)" in r.stderr       # base.yaml is not a member
+    slurm.wait_gone(job_id, timeout=240)
+    for task, seed in enumerate((1, 2)):
+        run_dir = out / f"sessa-seed{seed}"
+        status = json.loads((run_dir / "status.json").read_text())
+        logs = "\n".join(p.read_text() for p in (out / "logs").iterdir())
+        assert status["state"] == "finished" and status["step"] == 4, logs
+        assert f"run.seed={seed}" in (out / "logs" / f"sweep-family-{job_id}_{task}.out").read_text()
+    assert losses(out / "sessa-seed1") != losses(out / "sessa-seed2")   # the seed took effect
+
+
+def test_eval_refuses_an_incomplete_checkpoint(slurm: LocalSlurm, tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)               # no COMPLETE marker: still being written
+    log = tmp_path / "eval.out"
+    r = slurm.run("sbatch", "--wait", f"--output={log}", *CPU_JOB, str(ROOT / "slurm" / "eval.sh"),
+                  str(ckpt), cwd=ROOT, check=False, timeout=120)
+    assert r.returncode != 0
+    assert "is not a complete checkpoint (no COMPLETE marker)" in log.read_text()
