@@ -114,6 +114,9 @@ def save_checkpoint(root: pathlib.Path, step: int, engine, trainer_state: dict, 
         (tmp / "config.yaml").write_text(config_yaml)
         _write_json(tmp / "versions.json", package_versions())
     dist.barrier()
+    from sessa_pt.train.faults import maybe_kill
+
+    maybe_kill("kill_in_save", step)
     if rank == 0:
         os.replace(tmp, final)
         with open(final / "COMPLETE", "w") as fh:

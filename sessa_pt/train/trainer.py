@@ -32,6 +32,7 @@ from sessa_pt.parallel.topology import (
     megatron_mpu,
 )
 from sessa_pt.train import checkpoint as ckpt
+from sessa_pt.train import faults
 from sessa_pt.train.tracking import Tracker, resolve_uri
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -210,17 +211,41 @@ class Trainer:
         dev = device()
         return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
+    def _next(self, batches) -> dict:
+        b = next(batches)
+        ids = b["sample_ids"]
+        self._ids += torch.tensor([float(ids.sum()), float(ids.numel()), float(ids.min())],
+                                  dtype=torch.float64)
+        return b
+
+    def _sample_checksum(self) -> dict:
+        """Sum, count and min of the global batch's sample ids (from the first pipeline stage):
+        an exactly-resumed run shows the same numbers at every step."""
+        from megatron.core import parallel_state as ps
+
+        ids = self._ids.to(device())
+        if self.layout.is_first_stage:
+            group = ps.get_data_parallel_group()
+            dist.all_reduce(ids[:2], group=group)
+            mn = ids[2:].clone()
+            dist.all_reduce(mn, op=dist.ReduceOp.MIN, group=group)
+            ids[2] = mn[0]
+        mn = int(ids[2]) if torch.isfinite(ids[2]) else -1
+        return {"sample_id_sum": int(ids[0]), "samples": int(ids[1]), "sample_id_min": mn}
+
     def train_step(self, batches) -> float:
         e = self.engine
+        self._ids = torch.zeros(3, dtype=torch.float64)
+        self._ids[2] = float("inf")
         if self.layout.pp > 1:
             def pipe_iter():
                 for _ in range(self.grad_accum):
-                    b = next(batches)
+                    b = self._next(batches)
                     yield (b["input_ids"], (b["labels"], b["loss_mask"]))
             return float(e.train_batch(pipe_iter()))
         total = torch.zeros((), device=device())
         for _ in range(self.grad_accum):
-            b = self._to_device(next(batches))
+            b = self._to_device(self._next(batches))
             loss = e(b["input_ids"], b["labels"], b["loss_mask"])
             e.backward(loss)
             e.step()
@@ -297,6 +322,7 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             loss = self.train_step(batches)
+            faults.maybe_kill("kill_in_step", self.step + 1)
             if self.cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -308,7 +334,7 @@ class Trainer:
             mfu = 3 * self.flops_per_token * tps / (peak * 1e12 * self.world) if peak else 0.0
             rec = {"step": self.step, "loss": loss, "grad_norm": gnorm, "lr": lr,
                    "tokens_per_s": tps, "mfu": mfu, "memory_gb": memory_gb(),
-                   "tokens": self.step * tokens_per_step}
+                   "tokens": self.step * tokens_per_step, **self._sample_checksum()}
             if self.rank == 0:
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
@@ -317,7 +343,9 @@ class Trainer:
                     print(f"step {self.step}/{c.train.steps} | loss {loss:.4f} | lr {lr:.2e} | "
                           f"gnorm {gnorm:.3f} | {tps / 1e3:.1f}k tok/s{mfu_s} | "
                           f"mem {rec['memory_gb']:.2f}GB", flush=True)
-            self.tracker.log_metrics({k: v for k, v in rec.items() if k != "step"}, self.step)
+            self.tracker.log_metrics({k: rec[k] for k in ("loss", "grad_norm", "lr", "tokens",
+                                                          "tokens_per_s", "mfu", "memory_gb")},
+                                     self.step)
             last = self.step == c.train.steps
             if (c.eval.every and self.step % c.eval.every == 0) or last:
                 ev = self.evaluate()
