@@ -131,7 +131,13 @@ def read_recipe(path: str | pathlib.Path) -> dict:
 
 
 def _coerce(value: str) -> Any:
-    return yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):      # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            return float(parsed)
+        except ValueError:
+            pass
+    return parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -189,8 +195,15 @@ def _check_type(v: Any, t: Any, key: str) -> Any:
         if not isinstance(v, list):
             raise ConfigError(f"{key} must be a list, got {v!r}")
         return [_check_type(x, args[0], key) for x in v] if args else v
-    if t is float and isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
+    if t is float:
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                pass
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        raise ConfigError(f"{key}={v!r} has the wrong type (expected a number)")
     if t in (int, str, bool) and not (isinstance(v, t) and not (t is int and isinstance(v, bool))):
         raise ConfigError(f"{key}={v!r} has the wrong type (expected {t.__name__})")
     return v

@@ -244,10 +244,13 @@ class Trainer:
                     yield (b["input_ids"], (b["labels"], b["loss_mask"]))
             return float(e.train_batch(pipe_iter()))
         total = torch.zeros((), device=device())
+        self._own_grad_norm = None
         for _ in range(self.grad_accum):
             b = self._to_device(self._next(batches))
             loss = e(b["input_ids"], b["labels"], b["loss_mask"])
             e.backward(loss)
+            if e.is_gradient_accumulation_boundary() and self.cfg.parallel.zero_stage == 0:
+                self._own_grad_norm = self._grad_norm()
             e.step()
             total += loss.detach().float()
         total /= self.grad_accum
@@ -255,6 +258,21 @@ class Trainer:
 
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return float(total) / self.layout.dp
+
+    @torch.no_grad()
+    def _grad_norm(self) -> float:
+        """Global grad norm of the (DP-averaged) gradients, each TP slice counted once.
+        DeepSpeed's engine clips fp32 ZeRO-0 gradients but discards the norm it computed
+        (engine.clip_fp32_gradients), so without this the norm would be unknown."""
+        from megatron.core import parallel_state as ps
+
+        sq = torch.zeros((), dtype=torch.float64, device=device())
+        tp_rank0 = ps.get_tensor_model_parallel_rank() == 0
+        for p in self.engine.module.parameters():
+            if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank0):
+                sq += p.grad.double().pow(2).sum()
+        dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+        return float(sq.sqrt())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -328,6 +346,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.step += 1
             gnorm = self.engine.get_global_grad_norm()
+            if gnorm is None:
+                gnorm = getattr(self, "_own_grad_norm", None)
             gnorm = float(gnorm) if gnorm is not None else float("nan")
             lr = self.engine.get_lr()[0]
             tps = tokens_per_step / dt

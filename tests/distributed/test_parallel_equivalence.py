@@ -14,6 +14,7 @@ from tests.distributed.conftest import read_log, reference_run, tiny_overrides, 
 pytestmark = pytest.mark.slow
 STEPS = 3
 LAYOUTS_2 = {"tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2},
+             "dp2_zero0": {"parallel.zero_stage": 0},
              "dp2_zero1": {"parallel.zero_stage": 1}, "dp2_zero2": {"parallel.zero_stage": 2},
              "dp2_zero3": {"parallel.zero_stage": 3}}
 LAYOUTS_4 = {"tp2_pp2": {"parallel.tp": 2, "parallel.pp": 2}}

@@ -1,0 +1,74 @@
+"""Recipes, overrides and the validator: every invalid layout is refused with a message that
+says what to change."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sessa_pt.config import ConfigError, check, load_config, validate
+
+
+def cfg(*overrides):
+    return load_config(None, ["data.train=x.json", *overrides])
+
+
+@pytest.mark.parametrize("overrides,world,cuda,message", [
+    (["parallel.pp=2", "parallel.zero_stage=2"], 2, False, "set parallel.zero_stage=1"),
+    (["parallel.pp=2", "parallel.zero_stage=3"], 2, False, "supports ZeRO stages 0 and 1"),
+    (["parallel.tp=2"], 3, False, "not divisible by tp*pp"),
+    (["parallel.tp=3", "model.n_heads=4"], 3, False, "must be divisible by parallel.tp=3"),
+    (["parallel.tp=2", "model.vocab_size=1001"], 2, False, "model.vocab_size=1024"),
+    (["parallel.pp=2", "train.precision=bf16", "parallel.grad_accum_dtype=bf16"], 2, True,
+     "set parallel.grad_accum_dtype=fp32"),
+    (["parallel.pp=2", "parallel.zero_stage=0"], 2, False, "stage 0's parameters only"),
+    (["parallel.tp=2", "parallel.zero_stage=0", "train.precision=bf16"], 2, True,
+     "wrong grad norm"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], 1, False, "multiple of"),
+    (["model.mixer=mamba2", "parallel.tp=2"], 2, False, "not implemented for the mamba2"),
+    (["model.sessa.impl=triton"], 1, False, "impl=chunked on CPU"),
+])
+def test_invalid_layouts_are_rejected(overrides, world, cuda, message):
+    errors = validate(cfg(*overrides), world, cuda)
+    assert any(message in e for e in errors), errors
+    with pytest.raises(ConfigError):
+        check(cfg(*overrides), world, cuda)
+
+
+def test_valid_layouts_pass():
+    for ov, world in [([], 1), (["parallel.tp=2"], 2), (["parallel.pp=2"], 2),
+                      (["parallel.tp=2", "parallel.pp=2"], 4), (["parallel.zero_stage=3"], 2)]:
+        assert validate(cfg(*ov), world, False) == [], ov
+
+
+def test_recipe_inheritance_and_overrides():
+    c = load_config("recipes/tiny/sessa.yaml", ["train.steps=7", "optim.lr=1e-3",
+                                                "model.layer_mixers=[sessa,attention,sessa,sessa]"])
+    assert c.model.mixer == "sessa" and c.model.d_model == 128      # from base.yaml
+    assert c.train.steps == 7 and c.optim.lr == 1e-3 and c.model.layer_mixers[1] == "attention"
+    assert c.run.name == "sessa" and c.run.dir == "runs/sessa"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.stpes=3"], "unknown key(s) train.stpes"),
+    (["train.steps=many"], "train.steps='many' has the wrong type"),
+    (["steps"], "must look like section.key=value"),
+])
+def test_bad_overrides_say_what_is_wrong(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("recipes/tiny/sessa.yaml", overrides)
+
+
+def test_missing_recipe():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("recipes/nope.yaml")
+
+
+def test_trainer_cli_exits_nonzero_with_the_message(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sessa_pt.train", "recipes/tiny/sessa.yaml",
+                           "parallel.pp=2", "parallel.zero_stage=2", f"run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "supports ZeRO stages 0 and 1 only" in proc.stderr
