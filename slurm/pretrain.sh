@@ -17,9 +17,10 @@
 #   - Runs `python -m torch.distributed.run --nnodes $SLURM_JOB_NUM_NODES --nproc_per_node P
 #     --rdzv_backend c10d --rdzv_endpoint HOST:PORT --rdzv_id $SLURM_JOB_ID -m sessa_pt.train
 #     RECIPE [overrides] run.dir=RUN_DIR` once per node (srun --ntasks-per-node=1).
-#     HOST is the first node of the allocation; PORT = 15000 + SLURM_JOB_ID % 20000 (a per-job
-#     port, so jobs sharing a node don't collide; override with RDZV_PORT). torchrun is started
-#     through the environment's python so the right torch is used.
+#     HOST is the first node of the allocation (its NodeAddr; override with RDZV_HOST);
+#     PORT = 15000 + SLURM_JOB_ID % 20000, a per-job port so jobs sharing a node don't collide
+#     (override with RDZV_PORT). torchrun is started through the environment's python, so it
+#     is that environment's torch.
 #   - Processes per node P: $NPROC_PER_NODE if set, else the GPUs Slurm gave the node
 #     (SLURM_GPUS_ON_NODE / --gpus-per-node), else 2 (CPU; the trainer then uses gloo, NCCL on GPU).
 #   - Environment: OMP_NUM_THREADS = CPUs of the task / P (at least 1) unless already set;
@@ -42,10 +43,10 @@
 #   - Exit code: the training step's (non-zero on failure, with the trainer's error in the log);
 #     0 when finished or requeued; 2 for usage errors (no recipe, bad override, outside Slurm).
 #
-# Environment knobs: NPROC_PER_NODE, RUN_DIR, RDZV_PORT, OMP_NUM_THREADS, SESSA_PYTHON (the
-# interpreter; default: <repo>/.venv/bin/python), SESSA_ROOT (the checkout; default: found from
-# the submitted script's path), SESSA_TRAIN_MODULE (default sessa_pt.train; for debugging the
-# launcher with a stand-in), SESSA_SWEEP_PLAN (set by slurm/sweep.sh: array task i takes recipe,
+# Environment knobs: NPROC_PER_NODE, RUN_DIR, RDZV_HOST, RDZV_PORT, OMP_NUM_THREADS,
+# SESSA_PYTHON (the interpreter; default: <repo>/.venv/bin/python, else python3), SESSA_ROOT (the
+# checkout; default: found from the submitted script's path), SESSA_TRAIN_MODULE (default
+# sessa_pt.train; to debug the launcher with a stand-in), SESSA_SWEEP_PLAN (set by slurm/sweep.sh: array task i takes recipe,
 # seed and run dir from line i+1 of that file; positional arguments are then overrides only).
 #
 # Logs: slurm/logs/<job name>-<job id>.out relative to the submission directory (the folder
@@ -128,7 +129,12 @@ require_module "$TRAIN_MODULE"
 mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 [ ${#NODES[@]} -ge 1 ] || die "could not expand SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'"
 NNODES=${SLURM_JOB_NUM_NODES:-${#NODES[@]}}
-RDZV_HOST=${NODES[0]}
+# The rendezvous store lives on the first node; use its address as Slurm knows it (NodeAddr,
+# which equals the node name unless the cluster maps names to addresses), or RDZV_HOST.
+if [ -z "${RDZV_HOST:-}" ]; then
+  RDZV_HOST=$(scontrol show node -o "${NODES[0]}" 2>/dev/null | grep -m1 -o 'NodeAddr=[^ ]*' | cut -d= -f2- || true)
+  RDZV_HOST=${RDZV_HOST:-${NODES[0]}}
+fi
 RDZV_PORT=${RDZV_PORT:-$((15000 + SLURM_JOB_ID % 20000))}
 
 gpus=${SLURM_GPUS_ON_NODE:-}

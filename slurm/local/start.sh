@@ -9,7 +9,8 @@
 # Env:    SESSA_SLURM_AUTH=munge|none        munge (default, as on real clusters) or none (no
 #                                             munged at all; insecure, fine on a test box)
 #
-# Layout under BASE: slurm.conf (made from slurm.conf.in next to this script), state/ (ctld
+# Layout under BASE: slurm.conf (made from slurm.conf.in next to this script), gres.conf (only
+# with GPUs), state/ (ctld
 # state and slurmd spool), log/ (slurmctld.log, slurmd.log, jobcomp.txt: one line per finished
 # job with its JobState and ExitCode, since there is no sacct), run/ (pid files, and
 # munged.owned when this script started munged, so stop.sh only stops what we started).
@@ -66,8 +67,26 @@ HOST=$(hostname -s)
 NODE=$(slurmd -C | head -1)     # NodeName=<host> CPUs=.. Boards=.. ... RealMemory=..
 [[ $NODE == NodeName=* ]] || die "unexpected 'slurmd -C' output: $NODE"
 mkdir -p "$BASE/state/ctld" "$BASE/state/d" "$BASE/log" "$BASE/run"
+
+# GPUs become generic resources ("gres") named gpu, one per /dev/nvidiaN.
+GPUS=${SESSA_SLURM_GPUS:-auto}
+if [ "$GPUS" = auto ]; then
+  GPUS=0
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+  fi
+fi
+[[ $GPUS =~ ^[0-9]+$ ]] || die "SESSA_SLURM_GPUS must be a number or auto, not '$GPUS'"
+NODE=$(sed 's/ Gres=[^ ]*//' <<<"$NODE")
+GRESTYPES=""
+rm -f "$BASE/gres.conf"
+if [ "$GPUS" -gt 0 ]; then
+  GRESTYPES="GresTypes=gpu"
+  NODE="$NODE Gres=gpu:$GPUS"
+  printf 'AutoDetect=off\nName=gpu File=/dev/nvidia[0-%d]\n' "$((GPUS - 1))" > "$BASE/gres.conf"
+fi
 sed -e "s|@BASE@|$BASE|g" -e "s|@HOST@|$HOST|g" -e "s|@AUTH@|$AUTH|g" -e "s|@NODE@|$NODE|" \
-  "$HERE/slurm.conf.in" > "$SLURM_CONF"
+  -e "s|@GRESTYPES@|$GRESTYPES|" "$HERE/slurm.conf.in" > "$SLURM_CONF"
 
 cd /   # daemons inherit the cwd; don't pin the caller's directory
 if [ "$AUTH" = munge ]; then
@@ -83,8 +102,10 @@ if [ "$AUTH" = munge ]; then
     cp /run/munge/munged.pid "$BASE/run/munged.owned"
   fi
 fi
+# From here on a failure stops whatever this script started (stop.sh only touches our pids).
+undo() { echo "slurm/local/start.sh: $*" >&2; "$HERE/stop.sh" "$BASE" >&2; exit 1; }
 # Both fork into the background; their stdio goes to /dev/null, messages to $BASE/log.
-slurmctld -c -i </dev/null >/dev/null 2>&1 || die "slurmctld failed to start; see $BASE/log/slurmctld.log"
-slurmd </dev/null >/dev/null 2>&1 || die "slurmd failed to start; see $BASE/log/slurmd.log"
-wait_idle
-echo "slurm/local/start.sh: Slurm is up (node $HOST); now run: export SLURM_CONF=$SLURM_CONF"
+slurmctld -c -i </dev/null >/dev/null 2>&1 || undo "slurmctld failed to start; see $BASE/log/slurmctld.log"
+slurmd </dev/null >/dev/null 2>&1 || undo "slurmd failed to start; see $BASE/log/slurmd.log"
+wait_idle || undo "giving up"
+echo "slurm/local/start.sh: Slurm is up (node $HOST, $GPUS GPUs); now run: export SLURM_CONF=$SLURM_CONF"
