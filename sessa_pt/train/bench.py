@@ -1,0 +1,50 @@
+"""Summarise training runs as a throughput table: tokens/s and MFU (median over the steps after
+warm-up), peak memory, parameters. ``python -m sessa_pt.train.bench RUN_DIR [RUN_DIR ...]``.
+
+Used for the GPU training benchmark in BENCHMARKS.md; MFU counts 3x the model's forward
+``flops_per_token`` (no activation recomputation) against the accelerator's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+
+import yaml
+
+
+def summarise(run_dir: pathlib.Path, skip: int) -> dict:
+    log = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    steady = log[skip:] or log
+    p = cfg["parallel"]
+    return {"run": cfg["run"]["name"] or run_dir.name,
+            "mixer/block": f"{cfg['model']['mixer']}/{cfg['model']['block']}",
+            "layout": f"tp{p['tp']} pp{p['pp']} z{p['zero_stage']}",
+            "T": cfg["data"]["seq_len"],
+            "tokens/s": statistics.median(r["tokens_per_s"] for r in steady),
+            "MFU %": 100 * statistics.median(r["mfu"] for r in steady),
+            "mem GB": max(r["memory_gb"] for r in log),
+            "final loss": log[-1]["loss"], "steps": len(log)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=pathlib.Path)
+    ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the median")
+    args = ap.parse_args(argv)
+    rows = [summarise(r, args.skip) for r in args.runs]
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        cells = [f"{v:,.0f}" if k == "tokens/s" else f"{v:.1f}" if isinstance(v, float) else
+                 str(v) for k, v in r.items()]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# GPU training benchmark (one device-tool call on an nvidia-h200-x2 machine):
+#   ~125M Transformer (attention + SwiGLU) and ~125M Sessa LM at T=2048, bf16, one H200 each
+#   (tokens/s, MFU), then DP=2 and PP=2 on two H200s with NCCL.
+# Usage (repo root, deps on PYTHONPATH):  bash sessa_pt/train/bench_gpu.sh DATA_DIR OUT_DIR
+# DATA_DIR holds train/ and valid/ shards tokenized at seq_len 2048 (sessa-data tokenize).
+set -euo pipefail
+D=$1; OUT=$2; RUNS=${RUNS:-/tmp/bench_runs}; mkdir -p "$OUT" "$RUNS"
+export OMP_NUM_THREADS=4 MLFLOW_ALLOW_FILE_STORE=true MLFLOW_DISABLE_TELEMETRY=true
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+COMMON=(data.train=$D/train/manifest.json data.valid=$D/valid/manifest.json data.seq_len=2048
+  data.num_workers=2 model.vocab_size=32768 model.d_model=768 model.n_heads=12
+  train.micro_batch_size=8 train.log_every=5 optim.warmup_steps=5 eval.every=0
+  eval.max_batches=2 checkpoint.every=0 checkpoint.keep_last=1 tracking.enabled=false)
+TF=(model.mixer=attention model.block=transformer model.n_layers=12)
+SESSA=(model.mixer=sessa model.block=gated model.n_layers=16 model.sessa.impl=triton)
+run() {  # name nproc gpus overrides...
+  local name=$1 nproc=$2 gpus=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$gpus torchrun --standalone --nproc_per_node "$nproc" -m sessa_pt.train \
+    recipes/tiny/base.yaml "${COMMON[@]}" "$@" run.dir="$RUNS/$name" run.name="$name" \
+    > "$OUT/$name.log" 2>&1 || { echo "$name FAILED"; tail -30 "$OUT/$name.log"; }
+}
+run transformer125m_1gpu 1 0 "${TF[@]}" train.steps=30 train.global_batch_size=8
+run sessa125m_1gpu 1 0 "${SESSA[@]}" train.steps=20 train.global_batch_size=8
+run transformer125m_dp2 2 0,1 "${TF[@]}" train.steps=15 train.global_batch_size=16
+run sessa125m_pp2 2 0,1 "${SESSA[@]}" parallel.pp=2 train.steps=10 train.global_batch_size=16
+run sessa125m_dp2 2 0,1 "${SESSA[@]}" train.steps=10 train.global_batch_size=16
+python3 -m sessa_pt.train.bench --skip 4 $(ls -d "$RUNS"/*/ | sed 's#/$##') | tee "$OUT/table.md"
