@@ -1,0 +1,283 @@
+"""SymbolSoup reproduction (the paper's Table 1, first column) on one GPU:
+``python -m sessa_pt.eval.reproduce_symbolsoup [--length 600|2048] [--out DIR]``.
+
+Steps, each printed and recorded with its exact command:
+
+1. generate the task shards (``sessa-data symbolsoup``; 20000/2000/2000 examples, seed 0) unless
+   they exist;
+2. train Sessa, Transformer and Mamba2 (``recipes/symbolsoup[2048]/{sessa,transformer,
+   mamba2}.yaml``: the paper's gated block, non-embedding parameters matched within 2%) for each
+   seed (default 1 and 2), one process each, all logging to one mlflow store in ``--out``;
+   ``--max-minutes-per-run`` stops a run that overruns (the trainer saves at the next step and
+   the results say so);
+3. evaluate accuracy on the held-out test split at the label position
+   (``python -m sessa_pt.eval.cli task``), logged into each training run;
+4. write ``RESULTS.md`` (our accuracies, mean ± std over seeds, beside the paper's Table 1, with
+   the per-length breakdown, run times and every command) and the comparison report
+   (``python -m sessa_pt.eval.report``).
+
+Budget (600 tokens): 6 runs x 1500 steps x 32 sequences; sized for about 30 minutes of one
+H200 in total. ``--smoke`` runs the whole pipeline on CPU in about a minute (tiny shards of
+64-100 tokens, 2 steps per run, chunked Sessa feedback) to check it end to end. ``--dry-run``
+prints the commands only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pathlib
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PAPER = {"sessa": (0.8601, 0.0016), "transformer": (0.7921, 0.0070),
+         "mamba2": (0.0500, 0.0000)}
+VARIANTS = ("sessa", "transformer", "mamba2")
+LABEL = {"sessa": "Sessa", "transformer": "Transformer", "mamba2": "Mamba2"}
+LENGTHS = {600: (400, 600), 2048: (1366, 2048)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sessa_pt.eval.reproduce_symbolsoup",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--length", type=int, choices=sorted(LENGTHS), default=600,
+                   help="600: the paper's 400-600-token task; 2048: 1366-2048 tokens")
+    p.add_argument("--out", help="output directory (default runs/reproduce_symbolsoup<length>, "
+                                 "or ..._smoke with --smoke)")
+    p.add_argument("--data", help="shard directory (default data/symbolsoup or "
+                                  "data/symbolsoup2048; <out>/data with --smoke)")
+    p.add_argument("--seeds", default="1,2", help="comma-separated run.seed values")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated variants of the recipe family")
+    p.add_argument("--steps", type=int, help="override train.steps (default: the recipe's)")
+    p.add_argument("--impl", choices=["triton", "chunked", "dense"],
+                   help="Sessa feedback implementation (default: the recipe's triton on GPU, "
+                        "chunked with --smoke)")
+    p.add_argument("--nproc", type=int, default=1, help="GPUs per run (torchrun when > 1)")
+    p.add_argument("--max-minutes-per-run", type=float, default=0.0,
+                   help="stop a run after this many minutes (0 = never)")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check of the whole pipeline: tiny shards, 2 steps per run")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--results", help="RESULTS.md path (default <out>/RESULTS.md)")
+    p.add_argument("extra", nargs="*", help="extra key=value training overrides")
+    return p
+
+
+class Runner:
+    def __init__(self, dry_run: bool, log_path: pathlib.Path | None) -> None:
+        self.dry_run, self.commands, self.log_path = dry_run, [], log_path
+
+    def run(self, cmd: list[str], env: dict[str, str] | None = None, stop_file:
+            pathlib.Path | None = None, max_minutes: float = 0.0) -> tuple[int, float, bool]:
+        """Run a command (streaming its output); returns (exit code, seconds, stopped)."""
+        text = " ".join(shlex.quote(c) for c in cmd)
+        self.commands.append(text)
+        print(f"\n$ {text}", flush=True)
+        if self.dry_run:
+            return 0, 0.0, False
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+        stopped = False
+        while proc.poll() is None:
+            time.sleep(1.0)
+            if max_minutes and stop_file and not stopped and time.time() - t0 > 60 * max_minutes:
+                stop_file.parent.mkdir(parents=True, exist_ok=True)
+                stop_file.touch()       # the trainer saves at the next step boundary and exits
+                stopped = True
+                print(f"[reproduce] {max_minutes} min budget reached: wrote {stop_file}",
+                      flush=True)
+        return proc.returncode, time.time() - t0, stopped
+
+
+def tracking_uri(out: pathlib.Path) -> str:
+    from sessa_pt.train.tracking import default_uri
+
+    return default_uri(str(out))
+
+
+def read_json(path: pathlib.Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    family = "symbolsoup" if args.length == 600 else "symbolsoup2048"
+    suffix = "_smoke" if args.smoke else ""
+    out = pathlib.Path(args.out or f"runs/reproduce_{family}{suffix}").resolve()
+    data = pathlib.Path(args.data or (out / "data" if args.smoke else f"data/{family}"))
+    data = data if data.is_absolute() else (ROOT / data)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    variants = [v for v in args.variants.split(",") if v.strip()]
+    py = sys.executable
+    runner = Runner(args.dry_run, None)
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", "1" if args.smoke else "8")}
+    if not args.dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(out)
+    started = datetime.datetime.now(datetime.UTC)
+
+    # 1. shards
+    lo, hi = (64, 100) if args.smoke else LENGTHS[args.length]
+    seq_len = hi
+    if not (data / "test" / "manifest.json").is_file():
+        gen = [py, "-m", "data_prep.cli", "symbolsoup", "--out", str(data), "--min-len",
+               str(lo), "--max-len", str(hi), "--seq-len", str(seq_len), "--seed", "0"]
+        if args.smoke:
+            gen += ["--train", "64", "--valid", "16", "--test", "32"]
+        code, _, _ = runner.run(gen, env)
+        if code:
+            return code
+    else:
+        runner.commands.append(f"# shards already present in {data}")
+
+    # 2. training
+    common = [f"data.train={data}/train/manifest.json", f"data.valid={data}/valid/manifest.json",
+              f"tracking.uri={uri}"]
+    if args.smoke:
+        common += [f"data.seq_len={seq_len}", "train.steps=2", "train.micro_batch_size=4",
+                   "train.global_batch_size=4", "optim.warmup_steps=1", "eval.max_batches=2",
+                   "checkpoint.every=0", "data.num_workers=0", "train.log_every=1"]
+    if args.steps:
+        common.append(f"train.steps={args.steps}")
+    impl = args.impl or ("chunked" if args.smoke else None)
+    if impl:
+        common.append(f"model.sessa.impl={impl}")
+    common += args.extra
+    runs: list[dict[str, Any]] = []
+    for variant in variants:
+        for seed in seeds:
+            run_dir = out / "runs" / f"{variant}-seed{seed}"
+            recipe = f"recipes/{family}/{variant}.yaml"
+            launch = [py, "-m", "sessa_pt.train"] if args.nproc == 1 else \
+                [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                 str(args.nproc), "-m", "sessa_pt.train"]
+            cmd = [*launch, recipe, f"run.seed={seed}", f"run.dir={run_dir}", *common]
+            code, secs, stopped = runner.run(cmd, env, run_dir / "STOP",
+                                             args.max_minutes_per_run)
+            summary = read_json(run_dir / "summary.json")
+            runs.append({"variant": variant, "seed": seed, "run_dir": run_dir, "code": code,
+                         "seconds": secs, "stopped": stopped, "summary": summary})
+            if code:
+                print(f"[reproduce] training {variant} seed {seed} failed (exit {code})",
+                      flush=True)
+
+    # 3. evaluation on the test split
+    for r in runs:
+        if r["code"] and not args.dry_run:
+            continue
+        res = out / "eval" / f"{r['variant']}-seed{r['seed']}.json"
+        cmd = [py, "-m", "sessa_pt.eval.cli", "task", str(r["run_dir"]), "--data",
+               f"{data}/test/manifest.json", "--json", str(res), "--mlflow-run-id", "auto",
+               "--tracking-uri", uri, "--batch-size", "64" if not args.smoke else "16"]
+        if impl:
+            cmd += ["--sessa-impl", impl]
+        code, secs, _ = runner.run(cmd, env)
+        r["eval"] = read_json(res) if not code else {}
+        r["eval_seconds"] = secs
+
+    # 4. report and RESULTS.md
+    report_dir = out / "report"
+    code, _, _ = runner.run([py, "-m", "sessa_pt.eval.report", "--tracking-uri", uri,
+                             "--experiment", family, "--out", str(report_dir)], env)
+    if code:
+        print("[reproduce] the comparison report failed; RESULTS.md is still written",
+              flush=True)
+    if args.dry_run:
+        return 0
+    results = pathlib.Path(args.results) if args.results else out / "RESULTS.md"
+    results.write_text(results_markdown(args, family, lo, hi, runs, runner.commands, started,
+                                        uri, report_dir if not code else None))
+    print(f"\n[reproduce] wrote {results}")
+    print(results.read_text())
+    return 0 if all(r["code"] == 0 and r.get("eval") for r in runs) else 1
+
+
+def _ms(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.4f}"
+    return f"{statistics.fmean(vals):.4f} ± {statistics.stdev(vals):.4f}"
+
+
+def environment() -> str:
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return f"{dev}, torch {torch.__version__}, Python {sys.version.split()[0]}"
+
+
+def results_markdown(args, family: str, lo: int, hi: int, runs: list[dict[str, Any]],
+                     commands: list[str], started: datetime.datetime, uri: str,
+                     report_dir: pathlib.Path | None) -> str:
+    from sessa_pt.config import load_config
+    from sessa_pt.recipes_check import count
+
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_variant.setdefault(r["variant"], []).append(r)
+    title = "SymbolSoup" + ("" if args.length == 600 else f" at {args.length} tokens")
+    lines = [f"# {title}: reproduction{' (SMOKE TEST: 2 steps on tiny data, not a result)' if args.smoke else ''}",
+             "",
+             (f"Measured {started:%Y-%m-%d %H:%M} UTC on {environment()}. Sequences of {lo}-{hi} "
+             "tokens, 20 classes (chance 0.05); accuracy = greedy prediction of the class token "
+             "on the held-out test split, mean ± sample std over seeds "
+             f"({', '.join(str(s) for s in sorted({r['seed'] for r in runs}))})."), ""]
+    head = "| model | params (non-emb) | our accuracy | per seed | paper (Table 1) | steps | train time |"
+    lines += [head, "|---|---|---|---|---|---|---|"]
+    for variant, rs in by_variant.items():
+        cfg = load_config(ROOT / "recipes" / family / f"{variant}.yaml")
+        _, non_emb, _ = count(cfg)
+        accs = [r["eval"]["token_acc"] for r in rs if r.get("eval")]
+        per_seed = ", ".join(f"s{r['seed']}: {r['eval']['token_acc']:.4f}" if r.get("eval")
+                             else f"s{r['seed']}: failed" for r in rs)
+        paper = PAPER.get(variant) if args.length == 600 else None
+        paper_txt = f"{paper[0]:.4f} ± {paper[1]:.4f}" if paper else "not reported"
+        steps = ", ".join(str(r["summary"].get("step", "?")) +
+                          (" (stopped)" if r["stopped"] or r["summary"].get("state") not in
+                           (None, "finished") else "") for r in rs)
+        mins = ", ".join(f"{r['seconds'] / 60:.1f} min" for r in rs)
+        lines.append(f"| {LABEL.get(variant, variant)} | {non_emb / 1e6:.2f}M | {_ms(accs)} | "
+                     f"{per_seed} | {paper_txt} | {steps} | {mins} |")
+    lines += ["", "Accuracy by sequence length (test split, mean over seeds):", ""]
+    bins: dict[str, dict[tuple[int, int], list[float]]] = {}
+    edges: set[tuple[int, int]] = set()
+    for variant, rs in by_variant.items():
+        for r in rs:
+            for b in (r.get("eval") or {}).get("bins", []):
+                e = (math.floor(b["lo"]), math.floor(b["hi"]))
+                edges.add(e)
+                bins.setdefault(variant, {}).setdefault(e, []).append(b["acc"])
+    cols = sorted(edges)
+    lines.append("| model | " + " | ".join(f"{a}-{b}" for a, b in cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    for variant in by_variant:
+        cells = [f"{statistics.fmean(bins[variant][e]):.3f}" if e in bins.get(variant, {})
+                 else "-" for e in cols]
+        lines.append(f"| {LABEL.get(variant, variant)} | " + " | ".join(cells) + " |")
+    total = sum(r["seconds"] + r.get("eval_seconds", 0.0) for r in runs)
+    lines += ["", f"Total time of training + evaluation: {total / 60:.1f} min. mlflow store: "
+              f"`{uri}` (experiment `{family}`)" +
+              (f"; comparison report: `{report_dir}/report.md`." if report_dir else "."), "",
+              ("Recipes: sizes, optimizer, schedule and budget are written in "
+              f"`recipes/{family}/base.yaml` (the paper gives none); check the matching with "
+              f"`python -m sessa_pt.recipes_check recipes/{family}`."), "",
+              "## Commands", "", "```"]
+    lines += [f"cd {ROOT}", *commands, "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
