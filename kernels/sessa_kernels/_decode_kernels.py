@@ -13,7 +13,8 @@ import triton.language as tl
 
 
 @triton.jit
-def decode_split(Q, K, S, SC, M, L, PART, P, n_split, per_split, scale_log2,
+def decode_split(Q, K, S, SC, M, L, PART, P, stride_kb, stride_sb, n_split, per_split,
+                 scale_log2,
                  DK: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  BD: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -30,7 +31,7 @@ def decode_split(Q, K, S, SC, M, L, PART, P, n_split, per_split, scale_log2,
         for k0 in range(0, DK, BK):
             kk = k0 + offs_k
             q = tl.load(Q + b * DK + kk, mask=kk < DK, other=0.0).to(tl.float32)
-            kv = tl.load(K + b * P * DK + offs_n[:, None] * DK + kk[None, :],
+            kv = tl.load(K + b * stride_kb + offs_n[:, None] * DK + kk[None, :],
                          mask=nmask[:, None] & (kk[None, :] < DK), other=0.0)
             acc += tl.sum(kv.to(tl.float32) * q[None, :], 1)
         acc = tl.where(nmask, acc * scale_log2, float("-inf"))
@@ -52,7 +53,7 @@ def decode_split(Q, K, S, SC, M, L, PART, P, n_split, per_split, scale_log2,
             offs_n = n0 + tl.arange(0, BN)
             nmask = offs_n < hi
             p = tl.exp2(tl.load(sc_ptr + offs_n, mask=nmask, other=float("-inf")) - m_i)
-            sv = tl.load(S + b * P * D + offs_n[:, None] * D + offs_d[None, :],
+            sv = tl.load(S + b * stride_sb + offs_n[:, None] * D + offs_d[None, :],
                          mask=nmask[:, None] & dmask[None, :], other=0.0)
             acc_d += tl.sum(sv.to(tl.float32) * p[:, None], 0)
         tl.store(PART + (b * n_split + sp) * D + offs_d, acc_d, mask=dmask)

@@ -49,7 +49,8 @@ def _decode_triton(q: Tensor, g: Tensor, f: Tensor, K: Tensor, S: Tensor, scale:
     bk = min(128, max(16, 1 << (DK - 1).bit_length()))
     bd = min(256, max(16, 1 << (D - 1).bit_length()))
     kern.decode_split[(B, n_split)](
-        q, K, S, scores, m, lsum, part, P, n_split, per_split, scale * 1.4426950408889634,
+        q, K, S, scores, m, lsum, part, P, K.stride(0), S.stride(0), n_split, per_split,
+        scale * 1.4426950408889634,
         DK=DK, D=D, BN=BN, BK=bk, BD=bd, num_warps=4)
     out = torch.empty_like(f)
     kern.decode_merge[(B, math.ceil(D / bd))](
@@ -83,5 +84,9 @@ def feedback_decode_step(q_b_t: Tensor, gamma_t: Tensor, f_t: Tensor, K_b: Tenso
                                       and f_t.dtype != torch.float64)
     if not use_triton:
         return feedback_decode_torch(q_b_t, gamma_t, f_t, K_b, S, scale)
-    return _decode_triton(q_b_t.contiguous(), gamma_t.contiguous(), f_t.contiguous(),
-                          K_b.contiguous(), S.contiguous(), scale)
+    # The caches may be views of preallocated (B, capacity, D) buffers: rows must be dense,
+    # the batch stride is passed to the kernel, so no copy of the cache is made.
+    K_b = K_b if K_b.stride(2) == 1 and K_b.stride(1) == DK else K_b.contiguous()
+    S = S if S.stride(2) == 1 and S.stride(1) == S.shape[2] else S.contiguous()
+    return _decode_triton(q_b_t.contiguous(), gamma_t.contiguous(), f_t.contiguous(), K_b, S,
+                          scale)

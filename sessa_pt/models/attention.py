@@ -16,22 +16,55 @@ from torch import Tensor, nn
 from sessa_pt.models.rope import apply_rope
 
 
+class SeqBuffer:
+    """A tensor that grows along one dimension (the sequence) in amortised O(1): storage is
+    preallocated and doubled when full, so a decode step never copies the whole cache."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim, self.length, self._buf = dim, 0, None
+
+    @property
+    def view(self) -> Tensor | None:
+        return None if self._buf is None else self._buf.narrow(self.dim, 0, self.length)
+
+    def append(self, x: Tensor) -> Tensor:
+        n = x.shape[self.dim]
+        if self._buf is None or self.length + n > self._buf.shape[self.dim]:
+            cap = max(16, 2 * (self.length + n))
+            shape = list(x.shape)
+            shape[self.dim] = cap
+            buf = x.new_empty(shape)
+            if self._buf is not None:
+                buf.narrow(self.dim, 0, self.length).copy_(self.view)
+            self._buf = buf
+        self._buf.narrow(self.dim, self.length, n).copy_(x)
+        self.length += n
+        return self.view
+
+
 @dataclass
 class KVCache:
-    """Keys and values of every past token, (B, H_kv, P, d) each; ``length`` = P."""
+    """Keys and values of every past token, (B, H_kv, P, d) each; ``length`` = P. ``extra`` holds
+    other per-token state of a mixer (Sessa: k_b and s)."""
 
-    k: Tensor | None = None
-    v: Tensor | None = None
-    extra: dict = field(default_factory=dict)   # room for subclasses' state (Sessa: k_b, s)
+    keys: SeqBuffer = field(default_factory=lambda: SeqBuffer(2))
+    values: SeqBuffer = field(default_factory=lambda: SeqBuffer(2))
+    extra: dict = field(default_factory=dict)
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self.keys.length
+
+    @property
+    def k(self) -> Tensor | None:
+        return self.keys.view
+
+    @property
+    def v(self) -> Tensor | None:
+        return self.values.view
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+        return self.keys.append(k), self.values.append(v)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, n_past: int) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sessa_pt.models.attention import AttentionMixer, KVCache
+from sessa_pt.models.attention import AttentionMixer, KVCache, SeqBuffer
 from sessa_pt.models.feedback import FEEDBACK_IMPLS, feedback_dense, sessa_feedback
 
 SESSA_VARIANTS = ("reference", "paper")
@@ -81,17 +81,25 @@ class SessaMixer(AttentionMixer):
         return sync(q_b), sync(k_b), sync(self.gamma(a))
 
     def init_cache(self) -> KVCache:
-        return KVCache(extra={"k_b": None, "s": None})
+        return KVCache(extra={"k_b": SeqBuffer(1), "s": SeqBuffer(1)})
 
     def forward(self, a: Tensor, cache: KVCache | None = None) -> Tensor:
         f = self.f_to_local(super().forward(a, cache))
         q_b, k_b, gamma = self.feedback_inputs(a)
         if cache is None:
             return sessa_feedback(q_b, k_b, gamma, f, impl=self.impl, chunk_size=self.chunk_size)
-        past_k, past_s = cache.extra["k_b"], cache.extra["s"]
-        s = feedback_dense(q_b, k_b, gamma, f, past_k_b=past_k, past_s=past_s)
-        cache.extra["k_b"] = k_b if past_k is None else torch.cat([past_k, k_b], dim=1)
-        cache.extra["s"] = s if past_s is None else torch.cat([past_s, s], dim=1)
+        k_buf, s_buf = cache.extra["k_b"], cache.extra["s"]
+        past_k, past_s = k_buf.view, s_buf.view
+        if a.shape[1] == 1 and past_k is not None:
+            # One new token: the fused decode read over the cache (Triton on GPU).
+            from sessa_kernels.decode import feedback_decode_step
+
+            s = feedback_decode_step(q_b[:, 0], gamma[:, 0], f[:, 0], past_k, past_s,
+                                     self.fb_dim**-0.5).unsqueeze(1)
+        else:
+            s = feedback_dense(q_b, k_b, gamma, f, past_k_b=past_k, past_s=past_s)
+        k_buf.append(k_b)
+        s_buf.append(s)
         return s
 
     def flops_per_token(self, seq_len: int) -> float:

@@ -66,7 +66,7 @@ def lr_lambda(cfg: Config):
         if o.schedule == "cosine":
             progress = min(1.0, (step - warm) / max(1, total - warm))
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        decay_start = total - int(round(o.decay_fraction * total))
+        decay_start = total - round(o.decay_fraction * total)
         if step < decay_start:
             return 1.0
         progress = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))

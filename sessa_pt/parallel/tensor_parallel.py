@@ -243,13 +243,12 @@ def vocab_parallel_lm_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor | N
 # ---- applying the plan -----------------------------------------------------------------------
 
 def _tp_attention(mixer: AttentionMixer, config) -> None:
+    if mixer.n_heads == 1:
+        raise ValueError("tensor parallelism needs n_heads > 1 (a single head cannot be split)")
     mixer.q_proj = ColumnLinear(mixer.q_proj, config)
     mixer.k_proj = ColumnLinear(mixer.k_proj, config)
     mixer.v_proj = ColumnLinear(mixer.v_proj, config)
-    if isinstance(mixer.out_proj, nn.Linear):
-        mixer.out_proj = RowLinear(mixer.out_proj, config)
-    else:
-        raise ValueError("tensor parallelism needs n_heads > 1 (a single head cannot be split)")
+    mixer.out_proj = RowLinear(mixer.out_proj, config)
 
 
 def apply_tensor_parallel(stage: nn.Module, config) -> nn.Module:
@@ -261,7 +260,7 @@ def apply_tensor_parallel(stage: nn.Module, config) -> nn.Module:
     if isinstance(stage, GatedBlock):
         mixer = stage.mixer
         if not isinstance(mixer, AttentionMixer):
-            raise ValueError(f"no tensor-parallel plan for {type(mixer).__name__}")
+            raise TypeError(f"no tensor-parallel plan for {type(mixer).__name__}")
         _tp_attention(mixer, config)
         if isinstance(mixer, SessaMixer):
             mixer.f_to_local = ScatterToChannels()
@@ -278,7 +277,7 @@ def apply_tensor_parallel(stage: nn.Module, config) -> nn.Module:
         mlp.w_up = ColumnLinear(mlp.w_up, config)
         mlp.w_down = RowLinear(mlp.w_down, config)
         return stage
-    raise ValueError(f"no tensor-parallel plan for {type(stage).__name__}")
+    raise TypeError(f"no tensor-parallel plan for {type(stage).__name__}")
 
 
 def plain_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:

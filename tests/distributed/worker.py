@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import sys
 
 import torch.distributed as dist
@@ -19,7 +20,7 @@ def main() -> None:
     from sessa_pt.train.trainer import Trainer
 
     init_distributed()
-    for overrides in json.loads(open(sys.argv[1]).read()):
+    for overrides in json.loads(pathlib.Path(sys.argv[1]).read_text()):
         Trainer(load_config(None, overrides)).run()
         dist.barrier()
         ps.destroy_model_parallel()

@@ -44,7 +44,7 @@ def test_mamba2_decays_exponentially():
 
 def test_sessa_with_its_own_routing_is_bounded():
     args = mt.build_parser().parse_args(["--routing", "model", "--seq-len", "200"])
-    lags, infl, _ = mt.measure(args)
+    _, infl, _ = mt.measure(args)
     assert np.isfinite(infl).all() and infl.max() < 1 / (1 - 0.999)
 
 
