@@ -9,8 +9,8 @@
 # Env:    SESSA_SLURM_AUTH=munge|none        munge (default, as on real clusters) or none (no
 #                                             munged at all; insecure, fine on a test box)
 #
-# Layout under BASE: slurm.conf (made from slurm.conf.in next to this script), gres.conf (only
-# with GPUs), state/ (ctld
+# Layout under BASE: slurm.conf (made from slurm.conf.in next to this script), cgroup.conf,
+# gres.conf (only with GPUs), state/ (ctld
 # state and slurmd spool), log/ (slurmctld.log, slurmd.log, jobcomp.txt: one line per finished
 # job with its JobState and ExitCode, since there is no sacct), run/ (pid files, and
 # munged.owned when this script started munged, so stop.sh only stops what we started).
@@ -46,11 +46,13 @@ wait_idle() {
   return 1
 }
 
-for cmd in slurmctld slurmd sinfo munged; do
+case $AUTH in munge|none) ;; *) die "SESSA_SLURM_AUTH must be munge or none, not '$AUTH'" ;; esac
+cmds=(slurmctld slurmd sinfo)
+[ "$AUTH" != munge ] || cmds+=(munged)
+for cmd in "${cmds[@]}"; do
   command -v "$cmd" >/dev/null || die "'$cmd' not found; run slurm/local/install.sh first"
 done
 [ "$(id -u)" -eq 0 ] || die "must run as root (SlurmUser=root in this configuration)"
-case $AUTH in munge|none) ;; *) die "SESSA_SLURM_AUTH must be munge or none, not '$AUTH'" ;; esac
 
 if pid_alive "$BASE/run/slurmctld.pid"; then
   echo "slurm/local/start.sh: already running (BASE=$BASE)"
@@ -85,6 +87,10 @@ if [ "$GPUS" -gt 0 ]; then
   NODE="$NODE Gres=gpu:$GPUS"
   printf 'AutoDetect=off\nName=gpu File=/dev/nvidia[0-%d]\n' "$((GPUS - 1))" > "$BASE/gres.conf"
 fi
+# Slurm 22.05's slurmd loads a cgroup plugin even with proctrack/linuxproc and task/none. On a
+# cgroup2 host "autodetect" picks cgroup/v2, which wants systemd (dbus) to create its scope and
+# makes slurmd fail to start without it; cgroup/v1 loads fine and, unused, touches no cgroup.
+echo "CgroupPlugin=cgroup/v1" > "$BASE/cgroup.conf"
 sed -e "s|@BASE@|$BASE|g" -e "s|@HOST@|$HOST|g" -e "s|@AUTH@|$AUTH|g" -e "s|@NODE@|$NODE|" \
   -e "s|@GRESTYPES@|$GRESTYPES|" "$HERE/slurm.conf.in" > "$SLURM_CONF"
 
