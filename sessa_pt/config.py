@@ -276,8 +276,11 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
             e.append(f"model.vocab_size={m.vocab_size} is not a multiple of parallel.tp={p.tp}: "
                      f"pad it (e.g. model.vocab_size={padded}; extra rows are never targets)")
         if "mamba2" in m.mixers():
-            e.append("tensor parallelism is not implemented for the mamba2 mixer; use "
-                     "parallel.tp=1 (data and pipeline parallelism work)")
+            heads = m.mamba2.expand * m.d_model // m.mamba2.head_dim
+            if m.mamba2.n_groups % p.tp or heads % p.tp:
+                e.append(f"mamba2 under parallel.tp={p.tp} splits heads and B/C groups: "
+                         f"model.mamba2.n_groups={m.mamba2.n_groups} and the {heads} heads must "
+                         f"be divisible by tp (e.g. model.mamba2.n_groups={p.tp})")
     precision = resolve_precision(cfg, cuda)
     if precision == "bf16" and p.pp > 1 and p.grad_accum_dtype != "fp32":
         e.append("bf16 with parallel.pp>1 needs fp32 gradient accumulation (bf16 accumulation "

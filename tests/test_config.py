@@ -27,7 +27,7 @@ def cfg(*overrides):
     (["parallel.tp=2", "parallel.zero_stage=0", "train.precision=bf16"], 2, True,
      "wrong grad norm"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], 1, False, "multiple of"),
-    (["model.mixer=mamba2", "parallel.tp=2"], 2, False, "not implemented for the mamba2"),
+    (["model.mixer=mamba2", "parallel.tp=2"], 2, False, "model.mamba2.n_groups=2"),
     (["model.sessa.impl=triton"], 1, False, "impl=chunked on CPU"),
 ])
 def test_invalid_layouts_are_rejected(overrides, world, cuda, message):

@@ -15,7 +15,9 @@ Plan (the models expose identity hook points that this fills in):
   embedding            megatron VocabParallelEmbedding (vocab rows split)
   head                 final norm replicated; logits vocab-parallel (against the local embedding
                        rows when tied); loss: vocab_parallel_cross_entropy
-Mamba2 has no TP plan yet (rejected at config validation).
+  Mamba2 mixer         heads and B/C groups split (n_groups % tp == 0): in_proj column-parallel
+                       over [z | x | B | C | dt] section by section, the depthwise conv, dt_bias,
+                       A_log, D_skip and the grouped norm sliced alike, out_proj row-parallel
 
 ``plain_state_dict`` undoes the plan, gathering slices over the TP group, so checkpoints can be
 exported as the plain DecoderLM's state dict whatever the layout.
@@ -240,6 +242,90 @@ def vocab_parallel_lm_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor | N
     return (ce * m).sum() / m.sum().clamp_min(1.0)
 
 
+def _shard_sections(t: Tensor, sizes: list[int]) -> Tensor:
+    """This rank's piece of every section of dim 0 (sections laid end to end), concatenated."""
+    return torch.cat([_slice(part, 0) for part in t.split(sizes, dim=0)], dim=0)
+
+
+def _unshard_sections(local: Tensor, sizes: list[int]) -> Tensor:
+    """Inverse of _shard_sections over the TP group (collective)."""
+    ps = _ps()
+    n = ps.get_tensor_model_parallel_world_size()
+    ranks = _gather(local, 0).split(sum(sizes) // n, dim=0)        # each rank's local block
+    pieces = [r.split([s // n for s in sizes], dim=0) for r in ranks]
+    return torch.cat([torch.cat([p[i] for p in pieces], 0) for i in range(len(sizes))], 0)
+
+
+class SectionColumnLinear(ColumnLinear):
+    """Column-parallel over several output sections at once (each section split over ranks)."""
+
+    def __init__(self, full: nn.Linear, sizes: list[int], config) -> None:
+        permuted = nn.Linear(full.in_features, full.out_features, bias=full.bias is not None)
+        n = _ps().get_tensor_model_parallel_world_size()
+        with torch.no_grad():   # order rows rank by rank, so a plain chunk is this rank's rows
+            order = torch.cat([torch.cat([sec.chunk(n, 0)[r] for sec in
+                                          torch.arange(full.out_features).split(sizes)])
+                               for r in range(n)])
+            permuted.weight.copy_(full.weight[order])
+            if full.bias is not None:
+                permuted.bias.copy_(full.bias[order])
+        super().__init__(permuted, config)
+        self.sizes = sizes
+
+    def plain_state(self) -> dict[str, Tensor]:
+        out = {"weight": _unshard_sections(self.inner.weight, self.sizes)}
+        if self.inner.bias is not None:
+            out["bias"] = _unshard_sections(self.inner.bias, self.sizes)
+        return out
+
+
+def _tp_mamba2(mixer, config) -> None:
+    from sessa_pt.models.mamba2 import Mamba2Mixer
+
+    n = _ps().get_tensor_model_parallel_world_size()
+    E, G, N, H = mixer.d_inner, mixer.n_groups, mixer.d_state, mixer.n_heads
+    if G % n or H % n:
+        raise ValueError(f"mamba2 under tp={n} needs n_groups ({G}) and heads ({H}) divisible "
+                         "by tp")
+    in_sizes, conv_sizes = [E, E, G * N, G * N, H], [E, G * N, G * N]
+    mixer.in_proj = SectionColumnLinear(mixer.in_proj, in_sizes, config)
+    conv = mixer.conv1d
+    local_conv = nn.Conv1d(conv.in_channels // n, conv.out_channels // n, conv.kernel_size[0],
+                           groups=conv.groups // n, bias=conv.bias is not None)
+    with torch.no_grad():
+        local_conv.weight.copy_(_shard_sections(conv.weight, conv_sizes))
+        local_conv.bias.copy_(_shard_sections(conv.bias, conv_sizes))
+    mixer.conv1d = local_conv
+    for name in ("dt_bias", "A_log", "D_skip"):
+        p = getattr(mixer, name)
+        local = nn.Parameter(_slice(p.detach(), 0).clone())
+        local._no_weight_decay = True
+        setattr(mixer, name, local)
+    mixer.norm.weight = nn.Parameter(_slice(mixer.norm.weight.detach(), 0).clone())
+    mixer.norm.dim //= n
+    mixer.out_proj = RowLinear(mixer.out_proj, config)
+    mixer.d_inner, mixer.n_heads, mixer.n_groups = E // n, H // n, G // n
+    mixer.conv_dim //= n
+    for p in (mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, mixer.D_skip,
+              mixer.norm.weight):
+        _mark_partitioned(p, 0)
+    # Same module, plus the export that undoes the sharding (parameter names stay the plain ones).
+    mixer.__class__ = type("TPMamba2Mixer", (Mamba2Mixer,), {
+        "plain_state": _mamba2_plain_state, "_tp_sizes": (in_sizes, conv_sizes)})
+
+
+def _mamba2_plain_state(self) -> dict[str, Tensor]:
+    _, conv_sizes = self._tp_sizes
+    out = {f"in_proj.{k}": v for k, v in self.in_proj.plain_state().items()}
+    out.update({f"out_proj.{k}": v for k, v in self.out_proj.plain_state().items()})
+    out["conv1d.weight"] = _unshard_sections(self.conv1d.weight, conv_sizes)
+    out["conv1d.bias"] = _unshard_sections(self.conv1d.bias, conv_sizes)
+    for name in ("dt_bias", "A_log", "D_skip"):
+        out[name] = _gather(getattr(self, name), 0)
+    out["norm.weight"] = _gather(self.norm.weight, 0)
+    return out
+
+
 # ---- applying the plan -----------------------------------------------------------------------
 
 def _tp_attention(mixer: AttentionMixer, config) -> None:
@@ -259,13 +345,17 @@ def apply_tensor_parallel(stage: nn.Module, config) -> nn.Module:
         return VocabParallelHead(stage, config)
     if isinstance(stage, GatedBlock):
         mixer = stage.mixer
-        if not isinstance(mixer, AttentionMixer):
+        if type(mixer).__name__ == "Mamba2Mixer":
+            _tp_mamba2(mixer, config)
+            stage.mixer_out_to_local = ScatterToChannels()
+        elif not isinstance(mixer, AttentionMixer):
             raise TypeError(f"no tensor-parallel plan for {type(mixer).__name__}")
-        _tp_attention(mixer, config)
+        else:
+            _tp_attention(mixer, config)
         if isinstance(mixer, SessaMixer):
             mixer.f_to_local = ScatterToChannels()
             mixer.routing_grad_sync = SumGradsOverTP()
-        else:
+        elif isinstance(mixer, AttentionMixer):
             stage.mixer_out_to_local = ScatterToChannels()
         stage.W_in = SplitInProj(stage.W_in, config)
         stage.W_out = RowLinear(stage.W_out, config)

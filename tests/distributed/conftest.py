@@ -52,6 +52,9 @@ def tiny_overrides(data: dict, mixer: str = "sessa", **extra) -> list[str]:
             "optim.warmup_steps": 2, "optim.grad_clip": 1.0, "eval.every": 0,
             "eval.max_batches": 2, "checkpoint.every": 0, "tracking.enabled": False,
             "run.seed": 7}
+    if mixer == "mamba2":    # 4 heads in 2 B/C groups, so TP=2 can split both
+        base.update({"model.mamba2.head_dim": 16, "model.mamba2.n_groups": 2,
+                     "model.mamba2.d_state": 16, "model.mamba2.chunk_size": 16})
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -74,7 +77,8 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (Path(run_dir) / "train_log.jsonl").read_text().splitlines()]
 
 
-def reference_run(overrides: list[str], steps: int) -> list[dict]:
+def reference_run(overrides: list[str], steps: int, model_out: dict | None = None
+                  ) -> list[dict]:
     """The same model, data order, optimizer, schedule and clipping in plain single-process
     PyTorch (no DeepSpeed, no megatron): per-step loss and pre-clip grad norm."""
     from sessa_pt.config import load_config
@@ -103,4 +107,6 @@ def reference_run(overrides: list[str], steps: int) -> list[dict]:
         opt.zero_grad()
         out.append({"step": step, "loss": loss.item(), "grad_norm": gnorm.item(),
                     "sample_id_sum": int(b["sample_ids"].sum())})
+    if model_out is not None:
+        model_out.update(model.state_dict())
     return out

@@ -1,6 +1,6 @@
 """Every parallel layout trains exactly like a plain single-process PyTorch run of the same
 model and data: per-step losses and gradient norms equal within 1e-5 (fp32), for a tiny Sessa
-LM and a tiny attention LM. Layouts: TP=2, PP=2, DP=2 with ZeRO-1/2/3 (one 2-process launch),
+LM and a tiny attention LM (and a tiny Mamba2 LM under TP=2 and PP=2). Layouts: TP=2, PP=2, DP=2 with ZeRO-1/2/3 (one 2-process launch),
 and TP=2 x PP=2 (one 4-process launch)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.distributed.conftest import read_log, reference_run, tiny_overrides, torchrun
 
@@ -18,11 +19,13 @@ LAYOUTS_2 = {"tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2},
              "dp2_zero1": {"parallel.zero_stage": 1}, "dp2_zero2": {"parallel.zero_stage": 2},
              "dp2_zero3": {"parallel.zero_stage": 3}}
 LAYOUTS_4 = {"tp2_pp2": {"parallel.tp": 2, "parallel.pp": 2}}
+MAMBA2_LAYOUTS = ("tp2", "pp2")     # Mamba2 LM: its TP plan and a pipeline split
 
 
 def _check(runs: dict, lm_data) -> None:
-    for mixer in ("sessa", "attention"):
-        ref = reference_run(tiny_overrides(lm_data, mixer), STEPS)
+    for mixer in ("sessa", "attention", "mamba2"):
+        ref_state: dict = {}
+        ref = reference_run(tiny_overrides(lm_data, mixer), STEPS, ref_state)
         for name, run_dir in runs.items():
             if not name.startswith(mixer):
                 continue
@@ -33,13 +36,22 @@ def _check(runs: dict, lm_data) -> None:
                 assert g["grad_norm"] == pytest.approx(r["grad_norm"], abs=1e-5, rel=1e-5), \
                     (name, g, r)
                 assert g["sample_id_sum"] == r["sample_id_sum"], name
+            # The checkpoint's plain export (TP slices gathered, PP stages merged) holds the
+            # same trained weights as the reference model, under the same names.
+            ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.pt"
+            exported = torch.load(ckpt, weights_only=True)
+            assert exported.keys() == ref_state.keys(), name
+            for k, v in ref_state.items():
+                assert torch.allclose(exported[k], v, atol=1e-5, rtol=1e-4), (name, k)
 
 
 @pytest.mark.parametrize("nproc,layouts", [(2, LAYOUTS_2), (4, LAYOUTS_4)], ids=["2proc", "4proc"])
 def test_layouts_equal_single_process(nproc, layouts, lm_data, tmp_path):
     runs, plan = {}, []
-    for mixer in ("sessa", "attention"):
+    for mixer in ("sessa", "attention", "mamba2"):
         for name, extra in layouts.items():
+            if mixer == "mamba2" and name not in MAMBA2_LAYOUTS:
+                continue
             run_dir = tmp_path / f"{mixer}_{name}"
             runs[f"{mixer}_{name}"] = run_dir
             plan.append(tiny_overrides(lm_data, mixer, **extra, **{"run.dir": run_dir,
