@@ -38,7 +38,7 @@ def _check(runs: dict, lm_data) -> None:
                 assert g["sample_id_sum"] == r["sample_id_sum"], name
             # The checkpoint's plain export (TP slices gathered, PP stages merged) holds the
             # same trained weights as the reference model, under the same names.
-            ckpt = sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.pt"
+            ckpt = max((run_dir / "checkpoints").glob("step_*")) / "model.pt"
             exported = torch.load(ckpt, weights_only=True)
             assert exported.keys() == ref_state.keys(), name
             for k, v in ref_state.items():
