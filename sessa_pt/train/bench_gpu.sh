@@ -20,9 +20,8 @@ run() {  # name nproc gpus overrides...
     recipes/tiny/base.yaml "${COMMON[@]}" "$@" run.dir="$RUNS/$name" run.name="$name" \
     > "$OUT/$name.log" 2>&1 || { echo "$name FAILED"; tail -30 "$OUT/$name.log"; }
 }
-run transformer125m_1gpu 1 0 "${TF[@]}" train.steps=30 train.global_batch_size=8
-run sessa125m_1gpu 1 0 "${SESSA[@]}" train.steps=20 train.global_batch_size=8
+run transformer125m_1gpu 1 0 "${TF[@]}" train.steps=25 train.global_batch_size=8
+run sessa125m_1gpu 1 0 "${SESSA[@]}" train.steps=15 train.global_batch_size=8
 run transformer125m_dp2 2 0,1 "${TF[@]}" train.steps=15 train.global_batch_size=16
 run sessa125m_pp2 2 0,1 "${SESSA[@]}" parallel.pp=2 train.steps=10 train.global_batch_size=16
-run sessa125m_dp2 2 0,1 "${SESSA[@]}" train.steps=10 train.global_batch_size=16
 python3 -m sessa_pt.train.bench --skip 4 $(ls -d "$RUNS"/*/ | sed 's#/$##') | tee "$OUT/table.md"
