@@ -169,6 +169,7 @@ if [ -e "$STOP_FILE" ]; then
   rm -f "$STOP_FILE"
 fi
 STOP_REQUESTED=""
+# shellcheck disable=SC2317  # called from the traps below
 request_stop() {
   STOP_REQUESTED=$1
   log "got SIG$1: asking the trainer to checkpoint and stop (touch $STOP_FILE)"

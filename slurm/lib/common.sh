@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # slurm/lib/common.sh - helpers shared by slurm/pretrain.sh, slurm/eval.sh and slurm/sweep.sh.
 # Sourced, not executed. Expects SESSA_ROOT (the sessa_pt checkout) and SCRIPT (the name used in
 # messages) to be set by the caller.
@@ -27,7 +28,9 @@ find_python() {
   else
     PYTHON=$(command -v python3 || true)
   fi
-  [ -n "$PYTHON" ] && [ -x "$PYTHON" ] || die "no Python interpreter found; set SESSA_PYTHON=/path/to/python"
+  if [ -z "$PYTHON" ] || [ ! -x "$PYTHON" ]; then
+    die "no Python interpreter found; set SESSA_PYTHON=/path/to/python"
+  fi
 }
 
 # require_module MODULE: fail clearly when PYTHON cannot import MODULE (checked without importing

@@ -20,6 +20,7 @@
 # controller starts with a clean state (-c), so job ids restart from 1 after each start.
 # Slurm uses TCP ports 6817/6818: one such cluster per machine (network namespace).
 set -euo pipefail
+shopt -s extglob
 
 BASE=${1:-${SESSA_SLURM_BASE:-/tmp/sessa-slurm}}
 AUTH=${SESSA_SLURM_AUTH:-munge}
@@ -79,7 +80,7 @@ if [ "$GPUS" = auto ]; then
   fi
 fi
 [[ $GPUS =~ ^[0-9]+$ ]] || die "SESSA_SLURM_GPUS must be a number or auto, not '$GPUS'"
-NODE=$(sed 's/ Gres=[^ ]*//' <<<"$NODE")
+NODE=${NODE// Gres=+([^ ])/}   # drop a Gres= slurmd -C may print; we set our own
 GRESTYPES=""
 rm -f "$BASE/gres.conf"
 if [ "$GPUS" -gt 0 ]; then

@@ -19,8 +19,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "slurm" / "local"
 BASE = Path(os.environ.get("SESSA_SLURM_BASE", "/tmp/sessa-slurm"))
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
 def _alive(pid_file: Path) -> bool:
@@ -44,14 +42,6 @@ class LocalSlurm:
         return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True,
                               check=check, timeout=timeout, **kw)
 
-    def job_state(self, job_id: str) -> str | None:
-        """JobState from the controller (None once the record is purged, MinJobAge=5 s)."""
-        out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout
-        for field in out.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        return None
-
     def final_record(self, job_id: str) -> dict[str, str]:
         """The job's last line in jobcomp.txt (JobState, ExitCode, ...), written when it ends."""
         path = self.base / "log" / "jobcomp.txt"
@@ -63,10 +53,10 @@ class LocalSlurm:
         return rec
 
     def wait_gone(self, job_id: str, timeout: float) -> None:
+        """Wait until squeue lists no pending/running part of the job (or job array)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = self.job_state(job_id)
-            if state is None or state in TERMINAL:
+            if not self.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip():
                 return
             time.sleep(0.5)
         self.run("scancel", job_id, check=False)
