@@ -1,5 +1,6 @@
 """Evaluation command line: ``python -m sessa_pt.eval.cli {ppl,task,passkey,memory-tail}``
-(also the ``sessa-eval`` console script).
+(also the ``sessa-eval`` console script; ``CHECKPOINT SUBCOMMAND ...`` order works too, as
+``sbatch slurm/eval.sh CHECKPOINT_DIR task --data ...`` passes it).
 
 Every subcommand takes a checkpoint directory or a run directory (its newest complete
 checkpoint) from any parallel layout, prints a table, writes ``--json PATH`` when asked, and
@@ -190,8 +191,18 @@ COMMANDS = {"ppl": run_ppl, "task": run_task, "passkey": run_passkey,
             "memory-tail": run_memory_tail}
 
 
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Accept ``CHECKPOINT SUBCOMMAND ...`` as well as ``SUBCOMMAND CHECKPOINT ...`` (the form
+    ``slurm/eval.sh CHECKPOINT_DIR [eval arguments]`` produces)."""
+    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-") \
+            and argv[1] in COMMANDS:
+        return [argv[1], argv[0], *argv[2:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(normalize_argv(list(sys.argv[1:] if argv is None
+                                                         else argv)))
     import torch
 
     if args.command == "memory-tail" and args.dtype == "auto":

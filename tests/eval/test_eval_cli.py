@@ -64,6 +64,12 @@ def test_task_accuracy_on_trained_run(trained_run, tmp_path: pathlib.Path) -> No
     assert resolve_checkpoint(trained_run["run_dir"]) == pathlib.Path(trained_run["checkpoint"])
 
 
+def test_checkpoint_first_argument_order() -> None:
+    assert cli.normalize_argv(["runs/x", "task", "--data", "m.json"]) == \
+        ["task", "runs/x", "--data", "m.json"]
+    assert cli.normalize_argv(["ppl", "runs/x"]) == ["ppl", "runs/x"]
+
+
 def test_task_accuracy_by_lag_on_mqar(mqar: pathlib.Path, tmp_path: pathlib.Path) -> None:
     run = tmp_path / "mqar_run"
     write_checkpoint(run, ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2",
