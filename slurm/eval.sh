@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# slurm/eval.sh - evaluate one sessa_pt checkpoint as a Slurm job (one process, one GPU).
+# slurm/eval.sh - evaluate a sessa_pt checkpoint as a Slurm job (one process, one GPU).
 #
 # Usage (from the repository root):
-#   sbatch [sbatch options] slurm/eval.sh CHECKPOINT_DIR [eval arguments ...]
+#   sbatch [sbatch options] slurm/eval.sh CHECKPOINT_OR_RUN_DIR EVAL_COMMAND [options ...]
+# Runs `srun python -m sessa_pt.eval.cli EVAL_COMMAND [options ...] CHECKPOINT_OR_RUN_DIR`.
+# EVAL_COMMAND is one of the eval CLI's subcommands (ppl, task, passkey, memory-tail; see
+# `python -m sessa_pt.eval.cli --help`); a run directory means its newest complete checkpoint.
 # e.g.
-#   sbatch slurm/eval.sh runs/sessa-1234/checkpoints/step_00020000
-#   sbatch --gpus-per-node=0 --cpus-per-task=2 slurm/eval.sh runs/x/checkpoints/step_00000100
-# Runs `srun python -m sessa_pt.eval.cli CHECKPOINT_DIR [eval arguments ...]`: every argument is
-# passed to the eval CLI unchanged (see `python -m sessa_pt.eval.cli --help` for what it takes).
-# Without Slurm run that command directly.
+#   sbatch slurm/eval.sh runs/sessa-1234 ppl --data data/shards/valid/manifest.json --mlflow-run-id auto
+#   sbatch --gpus-per-node=0 --cpus-per-task=2 slurm/eval.sh runs/x/checkpoints/step_00000100 memory-tail
+# (--mlflow-run-id auto logs the metrics into the mlflow run that trained the checkpoint.)
+# Without Slurm run the python command directly.
 #
-# Checks first that CHECKPOINT_DIR is a complete checkpoint (has the COMPLETE marker the trainer
-# writes last), so a half-written checkpoint of a running or killed job is never evaluated.
+# Checks first that the checkpoint is complete (it has the COMPLETE marker the trainer writes
+# last) or, for a run directory, that it has a complete checkpoint, so a half-written checkpoint
+# of a running or killed job is never evaluated.
 # Environment: OMP_NUM_THREADS (default: the job's CPUs), SESSA_PYTHON, SESSA_ROOT (as in
 # slurm/pretrain.sh). Logs: slurm/logs/<job name>-<job id>.out. Exit code: the eval CLI's; 2 for
 # usage errors.
@@ -26,7 +29,7 @@
 
 set -euo pipefail
 SCRIPT=eval.sh
-USAGE="sbatch [sbatch options] slurm/eval.sh CHECKPOINT_DIR [eval arguments ...]"
+USAGE="sbatch [sbatch options] slurm/eval.sh CHECKPOINT_OR_RUN_DIR EVAL_COMMAND [options ...]"
 
 # --- find the checkout (sbatch runs a spooled copy of this file, so BASH_SOURCE is not it) ---
 find_root() {
@@ -48,21 +51,30 @@ fi
 source "$SESSA_ROOT/slurm/lib/common.sh"
 
 require_slurm "$USAGE"
-[ $# -ge 1 ] || die "missing CHECKPOINT_DIR. Usage: $USAGE"
+[ $# -ge 2 ] || die "expected a checkpoint (or run) directory and an eval command. Usage: $USAGE"
 CKPT=$1
+EVAL_CMD=$2
+shift 2
 [ -d "$CKPT" ] || die "checkpoint directory '$CKPT' not found (relative paths are relative to $PWD)"
-[ -e "$CKPT/COMPLETE" ] || die "'$CKPT' is not a complete checkpoint (no COMPLETE marker): it is still being written or its job died while saving; pick another step"
+if [ ! -e "$CKPT/COMPLETE" ]; then
+  if [ -d "$CKPT/checkpoints" ]; then   # a run directory: needs at least one complete checkpoint
+    compgen -G "$CKPT/checkpoints/step_*/COMPLETE" >/dev/null \
+      || die "run directory '$CKPT' has no complete checkpoint yet (no checkpoints/step_*/COMPLETE)"
+  else
+    die "'$CKPT' is not a complete checkpoint (no COMPLETE marker): it is still being written or its job died while saving; pick another step"
+  fi
+fi
 
 find_python
 require_module sessa_pt.eval.cli
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}}
 export PYTHONUNBUFFERED=1
 
-log "job $SLURM_JOB_ID on $(hostname -s): evaluating $CKPT"
+log "job $SLURM_JOB_ID on $(hostname -s): $EVAL_CMD on $CKPT"
 srun_opts=(--ntasks=1)
 [ -z "${SLURM_CPUS_PER_TASK:-}" ] || srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 rc=0
-srun "${srun_opts[@]}" "$PYTHON" -m sessa_pt.eval.cli "$@" || rc=$?
+srun "${srun_opts[@]}" "$PYTHON" -m sessa_pt.eval.cli "$EVAL_CMD" "$@" "$CKPT" || rc=$?
 if [ "$rc" -ne 0 ]; then
   log "evaluation FAILED (exit code $rc); the error is above"
 fi

@@ -174,11 +174,23 @@ def test_sweep_runs_one_array_task_per_recipe_and_seed(
     assert losses(out / "sessa-seed1") != losses(out / "sessa-seed2")   # the seed took effect
 
 
+def test_eval_job_scores_the_trained_run(slurm: LocalSlurm, tiny_data: dict, reference_run,
+                                         tmp_path: Path) -> None:
+    run_dir, _, ref_rc = reference_run
+    assert ref_rc == 0
+    log, result = tmp_path / "eval.out", tmp_path / "ppl.json"
+    r = slurm.run("sbatch", "--wait", f"--output={log}", *CPU_JOB, str(ROOT / "slurm" / "eval.sh"),
+                  str(run_dir), "ppl", "--data", tiny_data["data.valid"], "--max-samples", "32",
+                  "--json", str(result), cwd=ROOT, check=False, timeout=180)
+    assert r.returncode == 0, log.read_text()
+    assert "ppl" in json.loads(result.read_text()), result.read_text()
+
+
 def test_eval_refuses_an_incomplete_checkpoint(slurm: LocalSlurm, tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoints" / "step_00000004"
     ckpt.mkdir(parents=True)               # no COMPLETE marker: still being written
     log = tmp_path / "eval.out"
     r = slurm.run("sbatch", "--wait", f"--output={log}", *CPU_JOB, str(ROOT / "slurm" / "eval.sh"),
-                  str(ckpt), cwd=ROOT, check=False, timeout=120)
+                  str(ckpt), "ppl", cwd=ROOT, check=False, timeout=120)
     assert r.returncode != 0
     assert "is not a complete checkpoint (no COMPLETE marker)" in log.read_text()
