@@ -39,7 +39,8 @@
 #     status "preempted" and exits 0. If the run is not finished and a stop was requested, the
 #     script requeues its own job (scontrol requeue, needs --requeue), and the requeued job
 #     resumes. SIGTERM is best effort: Slurm also sends it to the training processes and kills
-#     everything KillWait (default 30 s) later, so rely on the USR1 warning for time limits.
+#     everything KillWait (default 30 s) later, so rely on the USR1 warning for time limits, and
+#     raise its lead time (--signal=B:USR1@SECONDS) above one step plus one checkpoint save.
 #   - Exit code: the training step's (non-zero on failure, with the trainer's error in the log);
 #     0 when finished or requeued; 2 for usage errors (no recipe, bad override, outside Slurm).
 #
@@ -116,7 +117,16 @@ for kv in "${OVERRIDES[@]}"; do
   if [[ $kv == run.dir=* ]]; then RUN_DIR_ARG=${kv#run.dir=}; else TRAIN_ARGS+=("$kv"); fi
 done
 recipe_name=$(basename "$RECIPE"); recipe_name=${recipe_name%.yaml}; recipe_name=${recipe_name%.yml}
-RUN_DIR=${RUN_DIR_ARG:-${RUN_DIR:-runs/$recipe_name-$SLURM_JOB_ID}}
+if [ -n "$RUN_DIR_ARG" ]; then
+  RUN_DIR=$RUN_DIR_ARG
+elif [ -z "${RUN_DIR:-}" ]; then   # (else: $RUN_DIR from the environment)
+  RUN_DIR=runs/$recipe_name-$SLURM_JOB_ID
+  # A job's first attempt must not find its derived run dir in use: that is another job with the
+  # same id (ids repeat when a cluster's state is reset), and resuming it would mix two runs.
+  if [ "${SLURM_RESTART_COUNT:-0}" -eq 0 ] && [ -e "$RUN_DIR/status.json" ]; then
+    die "run directory '$RUN_DIR' already holds a run of an earlier job with id $SLURM_JOB_ID; pass run.dir=$RUN_DIR to continue that run, or another run.dir=..."
+  fi
+fi
 mkdir -p "$RUN_DIR"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
 TRAIN_ARGS+=("run.dir=$RUN_DIR")

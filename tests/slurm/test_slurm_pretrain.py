@@ -26,16 +26,18 @@ STEPS = 48
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=10"]   # the #SBATCH defaults are GPU
 
 
-def overrides(data: dict, run_dir: Path) -> list[str]:
+def overrides(data: dict, run_dir: Path | None) -> list[str]:
     kv = {**data, "train.steps": STEPS, "checkpoint.every": 16, "eval.every": 0,
-          "eval.max_batches": 2, "data.num_workers": 0, "run.dir": run_dir}
+          "eval.max_batches": 2, "data.num_workers": 0}
+    if run_dir is not None:
+        kv["run.dir"] = run_dir
     return [f"{k}={v}" for k, v in kv.items()]
 
 
-def submit(slurm: LocalSlurm, log: Path, *args: str) -> subprocess.Popen:
+def submit(slurm: LocalSlurm, log: Path, *args: str, cwd: Path = ROOT) -> subprocess.Popen:
     """sbatch --wait in the background; its first stdout line is the job id (--parsable)."""
     return subprocess.Popen(["sbatch", "--wait", "--parsable", f"--output={log}", *CPU_JOB,
-                             str(PRETRAIN), *args], cwd=ROOT, env=slurm.env,
+                             str(PRETRAIN), *args], cwd=cwd, env=slurm.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -125,19 +127,26 @@ def test_signalled_job_requeues_and_resumes_like_an_uninterrupted_run(
 @pytest.mark.parametrize("case", ["bad_override", "missing_recipe"])
 def test_failing_job_exits_nonzero_with_readable_error(
         slurm: LocalSlurm, tiny_data: dict, tmp_path: Path, case: str) -> None:
-    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    log = tmp_path / "job.out"
     if case == "bad_override":
-        args = [str(RECIPE), *overrides(tiny_data, run_dir), "train.stepz=5"]
-        expect = "train.stepz"
+        # Also: submitted from outside the checkout and without run.dir, so the script finds
+        # the checkout from its own path and derives the run dir runs/<recipe>-<job id>.
+        args = [str(RECIPE), *overrides(tiny_data, None), "train.stepz=5"]
+        job = submit(slurm, log, *args, cwd=tmp_path)
+        expect = "unknown key(s) train.stepz"
     else:
         args = ["recipes/tiny/no_such_recipe.yaml"]
+        job = submit(slurm, log, *args)
         expect = "recipe file 'recipes/tiny/no_such_recipe.yaml' not found"
-    job = submit(slurm, log, *args)
     out, _ = job.communicate(timeout=180)
+    job_id = out.strip().split(";")[0]
     text = log.read_text()
     assert job.returncode != 0, text
     assert expect in text, text
-    assert slurm.final_record(out.strip().split(";")[0]).get("JobState") == "FAILED"
+    assert slurm.final_record(job_id).get("JobState") == "FAILED"
+    if case == "bad_override":
+        assert f"run dir {tmp_path}/runs/sessa-{job_id}" in text, text
+        assert "training FAILED" in text
 
 
 def test_outside_slurm_prints_a_clear_error() -> None:
