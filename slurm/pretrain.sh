@@ -42,7 +42,8 @@
 #     everything KillWait (default 30 s) later, so rely on the USR1 warning for time limits, and
 #     raise its lead time (--signal=B:USR1@SECONDS) above one step plus one checkpoint save.
 #   - Exit code: the training step's (non-zero on failure, with the trainer's error in the log);
-#     0 when finished or requeued; 2 for usage errors (no recipe, bad override, outside Slurm).
+#     0 when finished or requeued; 2 for usage errors (no recipe, bad override, outside Slurm);
+#     3 when a stop was requested but the job could not requeue itself (resubmit with run.dir=).
 #
 # Environment knobs: NPROC_PER_NODE, RUN_DIR, RDZV_HOST, RDZV_PORT, OMP_NUM_THREADS,
 # SESSA_PYTHON (the interpreter; default: <repo>/.venv/bin/python, else python3), SESSA_ROOT (the
