@@ -57,6 +57,7 @@ class TrainConfig:
     micro_batch_size: int = 8    # sequences per rank per micro step
     global_batch_size: int = 16  # sequences per optimizer step (= micro * grad_accum * dp)
     precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    compile: bool = False        # torch.compile each block (GPU throughput)
     log_every: int = 1
 
 

@@ -6,6 +6,7 @@ through ``TiedLayerSpec``).
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,16 +33,21 @@ def plain_prefix(cfg: ModelConfig, index: int) -> str:
 class Stage(nn.Module):
     """One model stage (``m``), with the name it has in the plain DecoderLM."""
 
-    def __init__(self, cfg: ModelConfig, index: int, seed: int, tp: int, pp: int) -> None:
+    def __init__(self, cfg: ModelConfig, index: int, seed: int, tp: int, pp: int,
+                 compile_blocks: bool = False) -> None:
         super().__init__()
         module = build_stage(cfg, index, seed)
         if tp > 1:
             module = apply_tensor_parallel(module, megatron_config(tp, pp))
         self.m = module
         self.plain_prefix = plain_prefix(cfg, index)
+        # A compiled forward *function* of a block: not a registered submodule, so parameter
+        # names and the state dict stay those of self.m.
+        self._fwd = torch.compile(module.forward) \
+            if compile_blocks and 0 < index <= cfg.n_layers else module
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.m(x)
+        return self._fwd(x)
 
 
 class HeadStage(Stage):
@@ -61,11 +67,13 @@ def loss_function(tp: int):
 class SequentialLM(nn.Module):
     """All stages on this rank (pp == 1): forward(input_ids, labels, loss_mask) -> loss."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, layout: ParallelLayout) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int, layout: ParallelLayout,
+                 compile_blocks: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         n = cfg.n_layers + 2
-        self.stages = nn.ModuleList(Stage(cfg, i, seed, layout.tp, 1) for i in range(n))
+        self.stages = nn.ModuleList(Stage(cfg, i, seed, layout.tp, 1, compile_blocks)
+                                    for i in range(n))
         self.loss_fn = loss_function(layout.tp)
 
     def logits(self, input_ids: Tensor) -> Tensor:

@@ -20,6 +20,15 @@ run() {  # name nproc gpus overrides...
     recipes/tiny/base.yaml "${COMMON[@]}" "$@" run.dir="$RUNS/$name" run.name="$name" \
     > "$OUT/$name.log" 2>&1 || { echo "$name FAILED"; tail -30 "$OUT/$name.log"; }
 }
+if [ "${BENCH:-layouts}" = mfu ]; then   # throughput knobs of the 1-GPU Transformer baseline
+  run tf125m_mb8_compile 1 0 "${TF[@]}" train.steps=25 train.global_batch_size=8 train.compile=true
+  run tf125m_mb16 1 0 "${TF[@]}" train.steps=20 train.micro_batch_size=16 train.global_batch_size=16
+  run tf125m_mb16_compile 1 0 "${TF[@]}" train.steps=20 train.micro_batch_size=16 \
+    train.global_batch_size=16 train.compile=true
+  run sessa125m_mb8_compile 1 0 "${SESSA[@]}" train.steps=15 train.global_batch_size=8 train.compile=true
+  python3 -m sessa_pt.train.bench --skip 6 $(ls -d "$RUNS"/*/ | sed 's#/$##') | tee "$OUT/table.md"
+  exit 0
+fi
 run transformer125m_1gpu 1 0 "${TF[@]}" train.steps=25 train.global_batch_size=8
 run sessa125m_1gpu 1 0 "${SESSA[@]}" train.steps=15 train.global_batch_size=8
 run transformer125m_dp2 2 0,1 "${TF[@]}" train.steps=15 train.global_batch_size=16
