@@ -113,5 +113,7 @@ def sessa_feedback(
             raise ValueError("impl='triton' needs CUDA tensors; use impl='chunked' on CPU")
         from sessa_kernels.triton_feedback import feedback_triton
 
-        return feedback_triton(q_b, k_b, gamma, f, scale=scale)
+        # Our hand-written kernels run as they are inside a torch.compile'd block: inductor
+        # would re-lower their tl.dot calls and fails to (seen with torch 2.11 / triton 3.6).
+        return torch.compiler.disable(feedback_triton)(q_b, k_b, gamma, f, scale=scale)
     raise ValueError(f"unknown feedback impl {impl!r}; choose one of {FEEDBACK_IMPLS}")

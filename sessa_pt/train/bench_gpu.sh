@@ -20,6 +20,14 @@ run() {  # name nproc gpus overrides...
     recipes/tiny/base.yaml "${COMMON[@]}" "$@" run.dir="$RUNS/$name" run.name="$name" \
     > "$OUT/$name.log" 2>&1 || { echo "$name FAILED"; tail -30 "$OUT/$name.log"; }
 }
+if [ "${BENCH:-layouts}" = mfu2 ]; then  # the best settings of the "mfu" round, larger batch
+  run tf125m_mb32_compile 1 0 "${TF[@]}" train.steps=16 train.micro_batch_size=32 \
+    train.global_batch_size=32 train.compile=true
+  run sessa125m_mb16_compile 1 0 "${SESSA[@]}" train.steps=12 train.micro_batch_size=16 \
+    train.global_batch_size=16 train.compile=true
+  python3 -m sessa_pt.train.bench --skip 6 $(ls -d "$RUNS"/*/ | sed 's#/$##') | tee "$OUT/table.md"
+  exit 0
+fi
 if [ "${BENCH:-layouts}" = mfu ]; then   # throughput knobs of the 1-GPU Transformer baseline
   run tf125m_mb8_compile 1 0 "${TF[@]}" train.steps=25 train.global_batch_size=8 train.compile=true
   run tf125m_mb16 1 0 "${TF[@]}" train.steps=20 train.micro_batch_size=16 train.global_batch_size=16
