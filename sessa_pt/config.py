@@ -314,6 +314,10 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
     if not cfg.data.train:
         e.append("data.train is empty: point it at a train manifest.json written by "
                  "`sessa-data tokenize` (e.g. data.train=data/shards/train/manifest.json)")
+    if t.compile and m.sessa.impl == "triton" and "sessa" in m.mixers():
+        e.append("train.compile=true with model.sessa.impl=triton failed on the H200 "
+                 "(CUDA misaligned address inside the compiled block, torch 2.11, 2026-11-28); "
+                 "set train.compile=false for Sessa models")
     if m.sessa.impl == "triton" and not cuda and "sessa" in m.mixers():
         e.append("model.sessa.impl=triton needs a GPU; use model.sessa.impl=chunked on CPU")
     return e
