@@ -20,6 +20,12 @@ run() {  # name nproc gpus overrides...
     recipes/tiny/base.yaml "${COMMON[@]}" "$@" run.dir="$RUNS/$name" run.name="$name" \
     > "$OUT/$name.log" 2>&1 || { echo "$name FAILED"; tail -30 "$OUT/$name.log"; }
 }
+if [ "${BENCH:-layouts}" = mfu3 ]; then  # micro batch 64 (128k tokens per step)
+  run tf125m_mb64_compile 1 0 "${TF[@]}" train.steps=12 train.micro_batch_size=64 \
+    train.global_batch_size=64 train.compile=true
+  python3 -m sessa_pt.train.bench --skip 5 "$RUNS/tf125m_mb64_compile" | tee "$OUT/table.md"
+  exit 0
+fi
 if [ "${BENCH:-layouts}" = mfu2 ]; then  # the best settings of the "mfu" round, larger batch
   run tf125m_mb32_compile 1 0 "${TF[@]}" train.steps=16 train.micro_batch_size=32 \
     train.global_batch_size=32 train.compile=true
