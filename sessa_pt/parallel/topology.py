@@ -64,8 +64,9 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     else:
         _skip_deepspeed_shm_op()
+    kwargs = {"device_id": torch.device("cuda", int(os.environ["LOCAL_RANK"]))} if cuda else {}
     dist.init_process_group("nccl" if cuda else "gloo",
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+                            timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
     import deepspeed
 
     # DeepSpeed keeps its own handle on the (already initialised) default group; the pipeline

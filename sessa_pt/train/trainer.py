@@ -177,7 +177,13 @@ class Trainer:
                 "DeepSpeed shards the state by layout: resume with the same tp and pp, and with "
                 "the same dp unless parallel.zero_stage=0 (the checkpoint's model.pt holds the "
                 "plain weights for a fresh start on any layout)")
-        state = ckpt.load_checkpoint(path, self.engine)
+        try:
+            state = ckpt.load_checkpoint(path, self.engine)
+        except RuntimeError as err:   # strict load: missing, unexpected or mis-shaped tensors
+            detail = " ".join(str(err).split())[:600]
+            raise ValueError(f"{path} does not fit this run's model (strict load failed: "
+                             f"{detail}). Resume with the config it was written with "
+                             f"({path / 'config.yaml'}) or use a new run.dir") from err
         self.step = int(state["step"])
         self.run_id = state.get("mlflow_run_id")
         self.log(f"resumed from {path} at step {self.step}")

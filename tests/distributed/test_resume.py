@@ -97,3 +97,13 @@ def test_sigkill_resumes_from_last_complete_checkpoint(fault, lm_data, tmp_path)
         assert g["sample_id_sum"] == r["sample_id_sum"] and g["samples"] == r["samples"]
         assert g["loss"] == r["loss"]
     assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())
+
+
+def test_resume_into_a_different_model_is_a_clear_error(lm_data, tmp_path):
+    run = tmp_path / "strict"
+    _train(1, _ov(lm_data, run, **{"train.steps": 3}))
+    proc = _train(1, _ov(lm_data, run, **{"model.layer_mixers": "[sessa,sessa,attention,sessa]"}),
+                  check=False)
+    assert proc.returncode != 0
+    assert "does not fit this run's model (strict load failed" in proc.stderr
+    assert "proj_fb" in proc.stderr            # names the offending parameters
