@@ -117,10 +117,11 @@ class Trainer:
                 expected_tokenizer_hash=c.data.tokenizer_hash or self.train_ds_hash(),
                 skip_corrupt=c.data.skip_corrupt)
 
-    def train_ds_hash(self) -> str | None:
+    def train_ds_hash(self) -> str:
+        """The train shards' tokenizer hash: validation shards must have been made with it."""
         from sessa_pt.data import read_manifest
 
-        return getattr(read_manifest(self.cfg.data.train), "tokenizer_hash", None)
+        return read_manifest(self.cfg.data.train).tokenizer_sha256
 
     def _build_model(self) -> None:
         c, lay = self.cfg, self.layout
