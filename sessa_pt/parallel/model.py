@@ -41,13 +41,15 @@ class Stage(nn.Module):
             module = apply_tensor_parallel(module, megatron_config(tp, pp))
         self.m = module
         self.plain_prefix = plain_prefix(cfg, index)
-        # A compiled forward *function* of a block: not a registered submodule, so parameter
-        # names and the state dict stay those of self.m.
-        self._fwd = torch.compile(module.forward) \
-            if compile_blocks and 0 < index <= cfg.n_layers else module
+        # The compiled wrapper is kept out of the module tree (object.__setattr__), so parameter
+        # names and the state dict stay those of self.m; calling the wrapper still runs the
+        # module's hooks (which ZeRO-3 relies on to gather parameters).
+        self._compiled = None
+        if compile_blocks and 0 < index <= cfg.n_layers:
+            object.__setattr__(self, "_compiled", torch.compile(module))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._fwd(x)
+        return self.m(x) if self._compiled is None else self._compiled(x)
 
 
 class HeadStage(Stage):
