@@ -55,6 +55,9 @@ def test_resume_is_exact_and_continues_the_mlflow_run(lm_data, tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{resumed}/mlflow.db")
     hist = client.get_metric_history(saved["mlflow_run_id"], "loss")
     assert sorted({m.step for m in hist}) == [1, 2, 3, 4, 5, 6]
+    run = client.get_run(saved["mlflow_run_id"])
+    assert int(run.data.params["params_total"]) > 0 and "flops_per_token_fwd" in run.data.params
+    assert {"config.yaml", "summary.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
     # Another DP size (2 -> 1 process, ZeRO-0 keeps the optimizer state unsharded).
     one = tmp_path / "dp1"
@@ -79,8 +82,10 @@ def test_changing_dp_under_zero1_is_refused_with_advice(lm_data, tmp_path):
 @pytest.mark.parametrize("fault", ["kill_in_step:5", "kill_in_save:6"])
 def test_sigkill_resumes_from_last_complete_checkpoint(fault, lm_data, tmp_path):
     ref_dir = tmp_path / "ref"
-    _train(2, _ov(lm_data, ref_dir, **{"train.steps": 8}))
+    _train(2, _ov(lm_data, ref_dir, **{"train.steps": 8, "checkpoint.keep_last": 2}))
     ref = read_log(ref_dir)
+    kept = sorted(p.name for p in (ref_dir / "checkpoints").iterdir())
+    assert kept == ["step_00000006", "step_00000008"]          # keep_last=2
     run = tmp_path / "killed"
     ov = _ov(lm_data, run, **{"train.steps": 8})
     proc = _train(2, ov, env={"SESSA_PT_FAULT": fault}, check=False)
