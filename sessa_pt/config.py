@@ -58,6 +58,8 @@ class TrainConfig:
     global_batch_size: int = 16  # sequences per optimizer step (= micro * grad_accum * dp)
     precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False        # torch.compile each block (GPU throughput)
+    loss_chunk_tokens: int = 0   # > 0: LM head + loss over this many tokens at a time
+                                 # (never all fp32 logits at once; tp=1, pp=1 only)
     log_every: int = 1
 
 
@@ -302,6 +304,11 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
     elif t.global_batch_size % (t.micro_batch_size * dp):
         e.append(f"train.global_batch_size={t.global_batch_size} must be a multiple of "
                  f"micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+    if t.loss_chunk_tokens < 0:
+        e.append("train.loss_chunk_tokens must be >= 0 (0 = off)")
+    elif t.loss_chunk_tokens and (p.tp > 1 or p.pp > 1):
+        e.append("train.loss_chunk_tokens applies to tp=1, pp=1 runs (TP uses the vocab-"
+                 "parallel cross entropy, PP computes the loss in its last stage); set it to 0")
     if t.precision not in ("auto", "bf16", "fp32"):
         e.append(f"train.precision={t.precision!r}: choose auto, bf16 or fp32")
     if t.steps <= 0:

@@ -78,6 +78,30 @@ def lm_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> 
     return (ce * m).sum() / m.sum().clamp_min(1.0)
 
 
+def _masked_ce_sum(h: Tensor, weight: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    logits = F.linear(h, weight).float()
+    return (F.cross_entropy(logits, labels, reduction="none") * mask).sum()
+
+
+def chunked_lm_loss(h: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor | None = None,
+                    chunk_tokens: int = 8192) -> Tensor:
+    """``lm_loss(F.linear(h, weight), labels, loss_mask)`` without holding all logits: the
+    logits of ``chunk_tokens`` positions at a time are made, reduced to a loss sum and freed,
+    and the backward recomputes them (activation checkpointing). With a 32k vocabulary the fp32
+    logits of 128k tokens alone are 17 GB; this keeps one chunk's."""
+    from torch.utils.checkpoint import checkpoint
+
+    h2, y = h.flatten(0, -2), labels.flatten()
+    m = torch.ones_like(y, dtype=torch.float32) if loss_mask is None else \
+        loss_mask.flatten().float()
+    total = h2.new_zeros((), dtype=torch.float32)
+    for i in range(0, h2.shape[0], chunk_tokens):
+        sl = slice(i, i + chunk_tokens)
+        total = total + checkpoint(_masked_ce_sum, h2[sl], weight, y[sl], m[sl],
+                                   use_reentrant=False)
+    return total / m.sum().clamp_min(1.0)
+
+
 def build_stage(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:
     """Stage ``index`` of the model (0: embedding, 1..n_layers: blocks, n_layers+1: head),
     built and initialised under its own seed, so that any split of the stages over pipeline
@@ -107,6 +131,7 @@ class DecoderLM(nn.Module):
         self.blocks = nn.ModuleList(build_stage(cfg, i + 1, seed) for i in range(L))
         self.head = build_stage(cfg, L + 1, seed)
         self.loss_fn = lm_loss     # tensor parallelism swaps in a vocab-parallel loss
+        self.loss_chunk_tokens = 0  # > 0: chunked_lm_loss, never all logits at once
 
     # ---- initialisation -------------------------------------------------------------------
     def init_weights(self) -> None:
@@ -121,6 +146,10 @@ class DecoderLM(nn.Module):
         h = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             h = block(h, caches[i]) if caches is not None else block(h)
+        if labels is not None and self.loss_chunk_tokens:
+            return chunked_lm_loss(self.head.norm(h), self.head.weight if self.head.weight
+                                   is not None else self.embed.weight, labels, loss_mask,
+                                   self.loss_chunk_tokens)
         logits = self.head(h, self.embed.weight)
         return logits if labels is None else self.loss_fn(logits, labels, loss_mask)
 

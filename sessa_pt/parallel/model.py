@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sessa_pt.models.config import ModelConfig
-from sessa_pt.models.lm import build_stage, lm_loss
+from sessa_pt.models.lm import build_stage, chunked_lm_loss, lm_loss
 from sessa_pt.parallel.tensor_parallel import (
     apply_tensor_parallel,
     megatron_config,
@@ -70,9 +70,10 @@ class SequentialLM(nn.Module):
     """All stages on this rank (pp == 1): forward(input_ids, labels, loss_mask) -> loss."""
 
     def __init__(self, cfg: ModelConfig, seed: int, layout: ParallelLayout,
-                 compile_blocks: bool = False) -> None:
+                 compile_blocks: bool = False, loss_chunk_tokens: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.loss_chunk_tokens = loss_chunk_tokens
         n = cfg.n_layers + 2
         self.stages = nn.ModuleList(Stage(cfg, i, seed, layout.tp, 1, compile_blocks)
                                     for i in range(n))
@@ -86,6 +87,13 @@ class SequentialLM(nn.Module):
 
     def forward(self, input_ids: Tensor, labels: Tensor, loss_mask: Tensor | None = None
                 ) -> Tensor:
+        if self.loss_chunk_tokens:          # tp == 1 only (validated)
+            h = self.stages[0](input_ids)
+            for stage in self.stages[1:-1]:
+                h = stage(h)
+            head = self.stages[-1].m
+            w = head.weight if head.weight is not None else self.stages[0].m.weight
+            return chunked_lm_loss(head.norm(h), w, labels, loss_mask, self.loss_chunk_tokens)
         return self.loss_fn(self.logits(input_ids), labels, loss_mask)
 
 

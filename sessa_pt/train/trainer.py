@@ -129,7 +129,8 @@ class Trainer:
             model = build_pipeline(c.model, c.run.seed, lay, deepspeed_topology(lay))
             mpu = None   # a PipelineModule carries its own grid (DeepSpeed asserts mpu is None)
         else:
-            model = SequentialLM(c.model, c.run.seed, lay, compile_blocks=c.train.compile)
+            model = SequentialLM(c.model, c.run.seed, lay, compile_blocks=c.train.compile,
+                                 loss_chunk_tokens=c.train.loss_chunk_tokens)
             mpu = megatron_mpu()
         self.engine = build_engine(model, c, lay.dp, self.cuda, mpu=mpu)
         from sessa_pt.models.lm import DecoderLM

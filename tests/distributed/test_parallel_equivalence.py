@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 LAYOUTS_2 = {"tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2},
              "dp2_zero0": {"parallel.zero_stage": 0},
+             "dp2_chunked_loss": {"train.loss_chunk_tokens": 40},
              "dp2_zero1": {"parallel.zero_stage": 1}, "dp2_zero2": {"parallel.zero_stage": 2},
              "dp2_zero3": {"parallel.zero_stage": 3}}
 LAYOUTS_4 = {"tp2_pp2": {"parallel.tp": 2, "parallel.pp": 2}}

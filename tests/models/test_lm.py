@@ -130,3 +130,19 @@ def test_models_never_import_deepspeed_or_megatron():
             "bad = [m for m in sys.modules if m.startswith(('deepspeed', 'megatron'))]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_equals_full_loss_and_gradients(tied):
+    torch.manual_seed(5)
+    cfg = ModelConfig(vocab_size=97, d_model=16, n_layers=2, n_heads=2, tie_embeddings=tied)
+    full, chunked = DecoderLM(cfg).double(), DecoderLM(cfg).double()
+    chunked.loss_chunk_tokens = 7          # does not divide the 2 x 20 tokens
+    ids, labels = torch.randint(0, 97, (2, 20)), torch.randint(0, 97, (2, 20))
+    mask = (torch.rand(2, 20) > 0.3).double()
+    a, b = full(ids, labels, mask), chunked(ids, labels, mask)
+    a.backward()
+    b.backward()
+    assert torch.allclose(a, b, atol=1e-12)
+    for (n, p), q in zip(full.named_parameters(), chunked.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-12), n
