@@ -72,6 +72,8 @@ SCRIPT=pretrain.sh
 USAGE="sbatch [sbatch options] slurm/pretrain.sh RECIPE.yaml [key=value ...]"
 
 # --- find the checkout (sbatch runs a spooled copy of this file, so BASH_SOURCE is not it) ---
+# (This bootstrap is repeated in each sbatch script on purpose: it has to run before
+#  slurm/lib/common.sh, the shared library, can be located.)
 find_root() {
   local cmd=""
   if [ -n "${SESSA_ROOT:-}" ]; then echo "$SESSA_ROOT"; return; fi

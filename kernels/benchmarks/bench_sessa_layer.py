@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
+from cuda_timing import median_ms
 from torch import nn
 
 from sessa_pt.models.attention import AttentionMixer
@@ -58,15 +58,7 @@ def time_fwd_bwd(block: nn.Module, B: int, T: int, budget_s: float = 2.0
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     n = max(2, min(20, int(budget_s / max(first, 1e-3))))
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times), peak
+    return median_ms(step, n, warmup=0), peak
 
 
 def bench_layers(seqs: list[int], impls: list[str], limits: dict[str, int]) -> list[dict]:
@@ -151,22 +143,9 @@ def bench_decode(contexts: list[int], B: int = 1) -> list[dict]:
             s = feedback_decode_step(qb[:, 0], gam[:, 0], f[:, 0], kb, sc, impl=impl)
             return x + ses.W_out(s[:, None] * g)
 
-        def med(fn, n=50):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            ts = []
-            for _ in range(n):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b))
-            return statistics.median(ts)
-
-        row = {"P": P, "B": B, "attn_ms": med(step_attn), "sessa_ms": med(step_sessa),
-               "sessa_torch_ms": med(lambda: step_sessa("torch"), 10)}
+        row = {"P": P, "B": B, "attn_ms": median_ms(step_attn, 50, warmup=3),
+               "sessa_ms": median_ms(step_sessa, 50, warmup=3),
+               "sessa_torch_ms": median_ms(lambda: step_sessa("torch"), 10, warmup=3)}
         row["ratio"] = row["sessa_ms"] / row["attn_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -7,26 +7,11 @@ bf16, beside the dense and chunked paths where they fit. GPU only:
 # ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
 from __future__ import annotations
 
-import statistics
-
 import torch
+from cuda_timing import median_ms
 from sessa_kernels.triton_feedback import feedback_triton
 
 D = 1024
-
-
-def bench(fn, n: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -47,7 +32,7 @@ def main() -> None:
             def fwdbwd(bm=bm, bd=bd):
                 feedback_triton(*leaves, block_m=bm, block_d=bd).backward(ds)
             try:
-                tf, tb = bench(fwd), bench(fwdbwd, 3)
+                tf, tb = median_ms(fwd, 5), median_ms(fwdbwd, 3)
             except Exception as exc:  # noqa: BLE001 - report and go on with the next shape
                 print(B, T, bm, bd, "failed:", type(exc).__name__, str(exc)[:200])
                 continue
