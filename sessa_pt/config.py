@@ -49,6 +49,7 @@ class OptimConfig:
     schedule: str = "cosine"     # cosine | wsd (warmup-stable-decay) | constant
     warmup_steps: int = 10
     decay_fraction: float = 0.2  # wsd: fraction of steps in the final linear decay
+    fused: bool = False          # torch's fused AdamW kernel (one launch per step; CUDA)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class TrainConfig:
     micro_batch_size: int = 8    # sequences per rank per micro step
     global_batch_size: int = 16  # sequences per optimizer step (= micro * grad_accum * dp)
     precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    compile: bool = False        # torch.compile each block (GPU throughput)
+    compile: bool = False        # torch.compile each block and the loss (GPU throughput)
     loss_chunk_tokens: int = 0   # > 0: LM head + loss over this many tokens at a time
                                  # (never all fp32 logits at once; tp=1, pp=1 only)
     log_every: int = 1

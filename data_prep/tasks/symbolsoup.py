@@ -103,9 +103,15 @@ def _split_count(total: int, parts: int, rng: random.Random) -> list[int]:
 
 def class_of(index: int, num_examples: int, seed: int, split: str) -> int:
     """Balanced classes: a seeded shuffle of ``i % 20`` over the split."""
+    return _class_order(num_examples, seed, split)[index]
+
+
+@lru_cache(maxsize=8)
+def _class_order(num_examples: int, seed: int, split: str) -> tuple[int, ...]:
+    # Cached: building and shuffling the split's order per example made generation quadratic.
     order = [i % NUM_CLASSES for i in range(num_examples)]
     example_rng("symbolsoup-classes", seed, split, 0).shuffle(order)
-    return order[index]
+    return tuple(order)
 
 
 def make_example(index: int, label: int, seed: int, split: str, min_len: int,

@@ -25,6 +25,7 @@ prints the commands only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Sessa feedback implementation (default: the recipe's triton on GPU, "
                         "chunked with --smoke)")
     p.add_argument("--nproc", type=int, default=1, help="GPUs per run (torchrun when > 1)")
+    p.add_argument("--gpus", default="",
+                   help="comma-separated GPU ids: train (and evaluate) the runs concurrently, "
+                        "each pinned to one of them by CUDA_VISIBLE_DEVICES (logs in <out>/logs)")
+    p.add_argument("--runs-per-gpu", type=int, default=1,
+                   help="concurrent runs per GPU with --gpus (small models leave an H200 idle)")
     p.add_argument("--max-minutes-per-run", type=float, default=0.0,
                    help="stop a run after this many minutes (0 = never)")
     p.add_argument("--smoke", action="store_true",
@@ -75,29 +81,114 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Runner:
-    def __init__(self, dry_run: bool, log_path: pathlib.Path | None) -> None:
-        self.dry_run, self.commands, self.log_path = dry_run, [], log_path
+    """Runs the pipeline's commands, one at a time (output streamed) or, for the training and
+    evaluation runs, several at once in ``slots`` (each slot an environment overlay such as
+    ``{"CUDA_VISIBLE_DEVICES": "2"}``; output to a log file per run)."""
 
-    def run(self, cmd: list[str], env: dict[str, str] | None = None, stop_file:
-            pathlib.Path | None = None, max_minutes: float = 0.0) -> tuple[int, float, bool]:
-        """Run a command (streaming its output); returns (exit code, seconds, stopped)."""
-        text = " ".join(shlex.quote(c) for c in cmd)
+    def __init__(self, dry_run: bool, slots: list[dict[str, str]] | None = None) -> None:
+        self.dry_run, self.commands = dry_run, []
+        self.slots = slots or [{}]
+
+    def _record(self, cmd: list[str], overlay: dict[str, str]) -> str:
+        text = " ".join([*(f"{k}={v}" for k, v in overlay.items()),
+                         *(shlex.quote(c) for c in cmd)])
         self.commands.append(text)
-        print(f"\n$ {text}", flush=True)
+        return text
+
+    def run(self, cmd: list[str], env: dict[str, str] | None = None
+            ) -> tuple[int, float, bool]:
+        """Run one command with its output streamed; returns (exit code, seconds, False)."""
+        print(f"\n$ {self._record(cmd, {})}", flush=True)
         if self.dry_run:
             return 0, 0.0, False
         t0 = time.time()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
-        stopped = False
-        while proc.poll() is None:
-            time.sleep(1.0)
-            if max_minutes and stop_file and not stopped and time.time() - t0 > 60 * max_minutes:
-                stop_file.parent.mkdir(parents=True, exist_ok=True)
-                stop_file.touch()       # the trainer saves at the next step boundary and exits
-                stopped = True
-                print(f"[reproduce] {max_minutes} min budget reached: wrote {stop_file}",
+        code = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                              check=False).returncode
+        return code, time.time() - t0, False
+
+    def run_all(self, jobs: list[Job], env: dict[str, str] | None = None,
+                max_minutes: float = 0.0) -> list[tuple[int, float, bool]]:
+        """Run ``jobs`` over the slots, a new one starting whenever a slot frees up; a job past
+        ``max_minutes`` gets its STOP file (the trainer saves at the next step and exits).
+        Returns (exit code, seconds, stopped) per job, in order."""
+        parallel = len(self.slots) > 1
+        results: list[tuple[int, float, bool] | None] = [None] * len(jobs)
+        pending = list(enumerate(jobs))
+        running: dict[int, tuple[subprocess.Popen, int, float, bool, Any]] = {}
+        free = list(range(len(self.slots)))
+        while pending or running:
+            while pending and free:
+                i, job = pending.pop(0)
+                slot = free.pop(0)
+                overlay = self.slots[slot] if parallel else {}
+                text = self._record(job.cmd, overlay)
+                print(f"\n$ {text}" + (f"\n  (log: {job.log})" if parallel and job.log else ""),
                       flush=True)
-        return proc.returncode, time.time() - t0, stopped
+                if self.dry_run:
+                    results[i] = (0, 0.0, False)
+                    free.append(slot)
+                    continue
+                out = None
+                if parallel and job.log:
+                    job.log.parent.mkdir(parents=True, exist_ok=True)
+                    out = open(job.log, "w")  # noqa: SIM115 (closed when the job ends)
+                proc = subprocess.Popen(job.cmd, cwd=ROOT, stdout=out,
+                                        stderr=subprocess.STDOUT if out else None,
+                                        env={**os.environ, **(env or {}), **overlay})
+                running[i] = (proc, slot, time.time(), False, out)
+            if not running:
+                continue
+            time.sleep(1.0)
+            for i, (proc, slot, t0, stopped, out) in list(running.items()):
+                job = jobs[i]
+                if proc.poll() is None:
+                    if max_minutes and job.stop_file and not stopped and \
+                            time.time() - t0 > 60 * max_minutes:
+                        job.stop_file.parent.mkdir(parents=True, exist_ok=True)
+                        job.stop_file.touch()   # the trainer saves at the next step and exits
+                        running[i] = (proc, slot, t0, True, out)
+                        print(f"[reproduce] {max_minutes} min budget reached: wrote "
+                              f"{job.stop_file}", flush=True)
+                    continue
+                if out:
+                    out.close()
+                secs = time.time() - t0
+                results[i] = (proc.returncode, secs, stopped)
+                del running[i]
+                free.append(slot)
+                if parallel:
+                    name = job.log.stem if job.log else " ".join(job.cmd)[:120]
+                    print(f"[reproduce] {name}: exit {proc.returncode} after {secs / 60:.1f} min",
+                          flush=True)
+                    if proc.returncode and job.log:
+                        print("".join(job.log.read_text().splitlines(True)[-30:]), flush=True)
+        return [r for r in results if r is not None]
+
+
+@dataclasses.dataclass
+class Job:
+    cmd: list[str]
+    stop_file: pathlib.Path | None = None
+    log: pathlib.Path | None = None
+
+
+def gpu_slots(gpus: str, per_gpu: int) -> list[dict[str, str]] | None:
+    """``--gpus 0,1 --runs-per-gpu 2`` -> four slots, two on each GPU."""
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids:
+        return None
+    if per_gpu < 1:
+        raise SystemExit("--runs-per-gpu must be >= 1")
+    return [{"CUDA_VISIBLE_DEVICES": g} for _ in range(per_gpu) for g in ids]
+
+
+def ensure_experiment(uri: str, name: str) -> None:
+    """Create the mlflow experiment once, before concurrent runs race to create it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name)
 
 
 def tracking_uri(out: pathlib.Path) -> str:
@@ -120,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = [v for v in args.variants.split(",") if v.strip()]
     py = sys.executable
-    runner = Runner(args.dry_run, None)
+    runner = Runner(args.dry_run, gpu_slots(args.gpus, args.runs_per_gpu))
     env = {"MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": os.environ.get(
         "OMP_NUM_THREADS", "1" if args.smoke else "8")}
     if not args.dry_run:
@@ -156,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         common.append(f"model.sessa.impl={impl}")
     common += args.extra
     runs: list[dict[str, Any]] = []
+    jobs: list[Job] = []
     for variant in variants:
         for seed in seeds:
             run_dir = out / "runs" / f"{variant}-seed{seed}"
@@ -164,27 +256,34 @@ def main(argv: list[str] | None = None) -> int:
                 [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                  str(args.nproc), "-m", "sessa_pt.train"]
             cmd = [*launch, recipe, f"run.seed={seed}", f"run.dir={run_dir}", *common]
-            code, secs, stopped = runner.run(cmd, env, run_dir / "STOP",
-                                             args.max_minutes_per_run)
-            summary = read_json(run_dir / "summary.json")
-            runs.append({"variant": variant, "seed": seed, "run_dir": run_dir, "code": code,
-                         "seconds": secs, "stopped": stopped, "summary": summary})
-            if code:
-                print(f"[reproduce] training {variant} seed {seed} failed (exit {code})",
-                      flush=True)
+            runs.append({"variant": variant, "seed": seed, "run_dir": run_dir})
+            jobs.append(Job(cmd, run_dir / "STOP", out / "logs" / f"train-{variant}-seed{seed}.log"))
+    if len(runner.slots) > 1 and not args.dry_run:
+        ensure_experiment(uri, family)
+    for r, (code, secs, stopped) in zip(runs, runner.run_all(jobs, env,
+                                                             args.max_minutes_per_run)):
+        r.update(code=code, seconds=secs, stopped=stopped,
+                 summary=read_json(r["run_dir"] / "summary.json"))
+        if code:
+            print(f"[reproduce] training {r['variant']} seed {r['seed']} failed (exit {code})",
+                  flush=True)
 
     # 3. evaluation on the test split
+    evaluated, jobs = [], []
     for r in runs:
         if r["code"] and not args.dry_run:
+            r["eval"] = {}
             continue
-        res = out / "eval" / f"{r['variant']}-seed{r['seed']}.json"
+        r["eval_json"] = out / "eval" / f"{r['variant']}-seed{r['seed']}.json"
         cmd = [py, "-m", "sessa_pt.eval.cli", "task", str(r["run_dir"]), "--data",
-               f"{data}/test/manifest.json", "--json", str(res), "--mlflow-run-id", "auto",
-               "--tracking-uri", uri, "--batch-size", "64" if not args.smoke else "16"]
+               f"{data}/test/manifest.json", "--json", str(r["eval_json"]), "--mlflow-run-id",
+               "auto", "--tracking-uri", uri, "--batch-size", "64" if not args.smoke else "16"]
         if impl:
             cmd += ["--sessa-impl", impl]
-        code, secs, _ = runner.run(cmd, env)
-        r["eval"] = read_json(res) if not code else {}
+        evaluated.append(r)
+        jobs.append(Job(cmd, log=out / "logs" / f"eval-{r['variant']}-seed{r['seed']}.log"))
+    for r, (code, secs, _) in zip(evaluated, runner.run_all(jobs, env)):
+        r["eval"] = read_json(r["eval_json"]) if not code else {}
         r["eval_seconds"] = secs
 
     # 4. report and RESULTS.md

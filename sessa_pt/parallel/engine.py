@@ -80,7 +80,8 @@ def build_engine(model: nn.Module, cfg: Config, dp: int, cuda: bool, mpu=None):
 
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,
-                                  betas=(o.beta1, o.beta2), eps=o.eps)
+                                  betas=(o.beta1, o.beta2), eps=o.eps,
+                                  fused=True if o.fused else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,

@@ -78,6 +78,10 @@ class SequentialLM(nn.Module):
         self.stages = nn.ModuleList(Stage(cfg, i, seed, layout.tp, 1, compile_blocks)
                                     for i in range(n))
         self.loss_fn = loss_function(layout.tp)
+        if compile_blocks and layout.tp == 1:
+            # One fused kernel for the fp32 cast, log-softmax and masked mean: eager mode makes
+            # an fp32 copy of all logits (17 GB at 128k tokens x 32k vocabulary) and re-reads it.
+            self.loss_fn = torch.compile(self.loss_fn)
 
     def logits(self, input_ids: Tensor) -> Tensor:
         h = self.stages[0](input_ids)

@@ -20,6 +20,23 @@ run() {  # name nproc gpus overrides...
     recipes/tiny/base.yaml "${COMMON[@]}" "$@" run.dir="$RUNS/$name" run.name="$name" \
     > "$OUT/$name.log" 2>&1 || { echo "$name FAILED"; tail -30 "$OUT/$name.log"; }
 }
+if [ "${BENCH:-layouts}" = mfu4 ]; then  # compiled loss (now part of train.compile), fused
+  # AdamW, chunked loss, gradient accumulation; PART=a|b on GPU=<id> (two GPUs in parallel).
+  # PART a profiles steps 8-9 (SESSA_PT_PROFILE) into the run directory's profile_rank0.txt.
+  G=${GPU:-0}; MB=(train.micro_batch_size=64 train.compile=true)
+  if [ "${PART:-a}" = a ]; then
+    SESSA_PT_PROFILE=8:2 run tf_mb64_c_fused 1 "$G" "${TF[@]}" "${MB[@]}" train.steps=14 \
+      train.global_batch_size=64 optim.fused=true
+    cp "$RUNS/tf_mb64_c_fused/profile_rank0.txt" "$OUT/profile_tf_mb64.txt" || true
+    run tf_mb64x2_c_fused 1 "$G" "${TF[@]}" "${MB[@]}" train.steps=10 \
+      train.global_batch_size=128 optim.fused=true
+  else
+    run tf_mb64_c 1 "$G" "${TF[@]}" "${MB[@]}" train.steps=12 train.global_batch_size=64
+    run tf_mb64_c_fused_chunk8k 1 "$G" "${TF[@]}" "${MB[@]}" train.steps=12 \
+      train.global_batch_size=64 optim.fused=true train.loss_chunk_tokens=8192
+  fi
+  exit 0
+fi
 if [ "${BENCH:-layouts}" = mfu3 ]; then  # micro batch 64 (128k tokens per step)
   run tf125m_mb64_compile 1 0 "${TF[@]}" train.steps=12 train.micro_batch_size=64 \
     train.global_batch_size=64 train.compile=true

@@ -33,6 +33,7 @@ from sessa_pt.parallel.topology import (
 )
 from sessa_pt.train import checkpoint as ckpt
 from sessa_pt.train import faults
+from sessa_pt.train.profiling import StepProfiler
 from sessa_pt.train.tracking import Tracker, resolve_uri
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -342,10 +343,12 @@ class Trainer:
         peak = peak_tflops(c)
         log_path = self.run_dir / "train_log.jsonl"
         state = "finished"
+        profiler = StepProfiler(self.run_dir, self.rank)
         while self.step < c.train.steps:
             if self.stop.requested():
                 state = "preempted"
                 break
+            profiler.before_step(self.step + 1)
             t0 = time.perf_counter()
             loss = self.train_step(batches)
             faults.maybe_kill("kill_in_step", self.step + 1)
@@ -353,6 +356,7 @@ class Trainer:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             self.step += 1
+            profiler.after_step(self.step)
             gnorm = self.engine.get_global_grad_norm()
             if gnorm is None:
                 gnorm = getattr(self, "_own_grad_norm", None)

@@ -34,6 +34,17 @@ def test_dry_run_2048(tmp_path: pathlib.Path, capsys) -> None:
     assert "--max-len 2048" in out and "recipes/symbolsoup2048/mamba2.yaml" in out
 
 
+def test_dry_run_concurrent_slots(tmp_path: pathlib.Path, capsys) -> None:
+    """--gpus/--runs-per-gpu spread the six runs over the GPUs, round robin, with one log each."""
+    assert rep.main(["--dry-run", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"),
+                     "--gpus", "2,3", "--runs-per-gpu", "3"]) == 0
+    cmds = [ln[2:] for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
+    train = [c for c in cmds if "sessa_pt.train" in c]
+    assert [c.split()[0] for c in train] == ["CUDA_VISIBLE_DEVICES=2", "CUDA_VISIBLE_DEVICES=3"] * 3
+    assert all(c.startswith("CUDA_VISIBLE_DEVICES=") for c in cmds if "eval.cli task" in c)
+    assert rep.gpu_slots("", 2) is None
+
+
 @pytest.mark.slow
 def test_smoke_end_to_end(tmp_path: pathlib.Path) -> None:
     assert rep.main(["--smoke", "--out", str(tmp_path / "o")]) == 0
