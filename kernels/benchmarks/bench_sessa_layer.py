@@ -2,12 +2,13 @@
 
 The layer is the paper's gated block (LN -> W_in -> GELU / gate -> mixer -> W_out, residual,
 ``sessa_pt.models.blocks.GatedBlock``) with the mixer ``SessaMixer(impl=dense|chunked|triton)``
-or ``AttentionMixer``; D=1024, 16 heads, bf16, 16k tokens per batch (B = 16384 / T, B = 1
-beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
+or ``AttentionMixer``; ``triton_panel`` is the triton mixer with ``SESSA_SOLVE=panel`` (the
+panel variant of the two solves). D=1024, 16 heads, bf16, 16k tokens per batch (B = 16384 / T,
+B = 1 beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
 (weights and the input). Run on the GPU machine:
 
     PYTHONPATH=$PWD:$PWD/kernels python3 kernels/benchmarks/bench_sessa_layer.py \
-        [--seq 512,2048,8192] [--impls attention,triton,chunked,dense] [--decode]
+        [--seq 512,2048,8192] [--impls attention,triton,triton_panel,chunked,dense] [--decode]
 """
 
 # ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -33,7 +35,7 @@ def make_block(impl: str) -> nn.Module:
     if impl == "attention":
         mixer = AttentionMixer(D, H)
     else:
-        mixer = SessaMixer(D, H, impl=impl, chunk_size=128)
+        mixer = SessaMixer(D, H, impl=impl.removesuffix("_panel"), chunk_size=128)
     return GatedBlock(D, mixer).cuda().to(torch.bfloat16)
 
 
@@ -61,6 +63,17 @@ def time_fwd_bwd(block: nn.Module, B: int, T: int, budget_s: float = 2.0
     return median_ms(step, n, warmup=0), peak
 
 
+def time_fwd(block: nn.Module, B: int, T: int, n: int = 5) -> float:
+    """Median ms of the forward alone (no autograd graph)."""
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def step() -> None:
+        block(x)
+
+    return median_ms(step, n, warmup=1)
+
+
 def bench_layers(seqs: list[int], impls: list[str], limits: dict[str, int]) -> list[dict]:
     rows = []
     for T in seqs:
@@ -71,11 +84,19 @@ def bench_layers(seqs: list[int], impls: list[str], limits: dict[str, int]) -> l
                 row["status"] = "skipped"
             else:
                 block = make_block(impl)
+                solve = os.environ.get("SESSA_SOLVE")
+                os.environ["SESSA_SOLVE"] = "panel" if impl.endswith("_panel") else "queue"
                 try:
                     row["ms"], row["gib"] = time_fwd_bwd(block, B, T)
+                    row["fwd_ms"] = time_fwd(block, B, T)
                     row["status"] = "ok"
                 except torch.OutOfMemoryError:
                     row["status"] = "OOM"
+                finally:
+                    if solve is None:
+                        os.environ.pop("SESSA_SOLVE")
+                    else:
+                        os.environ["SESSA_SOLVE"] = solve
                 del block
                 torch.cuda.empty_cache()
             rows.append(row)
@@ -104,6 +125,15 @@ def print_layer_table(rows: list[dict], impls: list[str]) -> None:
         if tr.get("status") == "ok" and de.get("status") == "ok":
             ratio += f"   {de['ms'] / tr['ms']:8.2f}x"
         print(f"{T:7d} {max(1, TOKENS // T):3d} " + " ".join(cells) + "   " + ratio)
+    print(f"\n{'T':>7} " + " ".join(f"{i + ' fwd ms':>18}" for i in impls)
+          + "   panel/triton fwd, fwd+bwd")
+    for T in seqs:
+        cells = [f"{by.get((T, i), {}).get('fwd_ms', float('nan')):18.2f}" for i in impls]
+        tr, pa = by.get((T, "triton"), {}), by.get((T, "triton_panel"), {})
+        ratio = ""
+        if tr.get("status") == "ok" and pa.get("status") == "ok":
+            ratio = f"{pa['fwd_ms'] / tr['fwd_ms']:8.2f}x {pa['ms'] / tr['ms']:6.2f}x"
+        print(f"{T:7d} " + " ".join(cells) + "   " + ratio)
 
 
 def bench_decode(contexts: list[int], B: int = 1) -> list[dict]:

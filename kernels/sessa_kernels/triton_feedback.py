@@ -10,6 +10,12 @@ matrix products are in the input dtype (bf16 in training), accumulation and the 
 solves in float32. Saved for backward: q_b, k_b, gamma, s and, in float32, the row log-sum-exp
 (B, T) and r = alpha @ s (B, T, D): O(T D) memory.
 
+Two variants of the forward and adjoint solves: "queue" (default; ``_fb_kernels``, the score
+tile recomputed by every channel-block program) and "panel" (``SESSA_SOLVE=panel`` or
+``solve="panel"``; ``_fb_panel_kernels``: scores once per super-chunk of W rows into a scratch
+panel of B x W x T_pad elements, O(W T) and at most ``SESSA_PANEL_MIB`` MiB, see
+``panel_width``; never T x T unless that fits the budget). Same outputs and gradients.
+
 Triton is imported lazily, so ``import sessa_kernels`` works without it. On a machine without
 CUDA the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the
 first import of triton (slow: tests only).
@@ -42,10 +48,90 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _bk(dk: int) -> int:
+    return min(64, max(16, triton_next_pow2(dk)))
+
+
+def panel_width(B: int, T: int, block_m: int, elem_bytes: int,
+                panel_rows: int | None = None) -> int:
+    """Rows (forward) / columns (adjoint) W of one super-chunk of the panel solve: a multiple
+    of block_m, at most T rounded up to block_m. Default: the largest W whose scratch,
+    B * W * T_pad panel elements plus 8 bytes of tile statistics per row and column chunk,
+    fits ``SESSA_PANEL_MIB`` MiB (default 256), and at least block_m."""
+    t_pad = math.ceil(T / block_m) * block_m
+    if panel_rows is None:
+        budget = float(os.environ.get("SESSA_PANEL_MIB", "256")) * 2**20
+        per_row = B * t_pad * (elem_bytes + 8 / block_m)
+        panel_rows = int(budget // per_row)
+    w = max(block_m, panel_rows // block_m * block_m)
+    return min(w, t_pad)
+
+
+def _fwd_panel(q, k, g, f, s, r, lse, flags, scale, bm, bd, prec, panel_rows):
+    """Forward solve by super-chunks of W rows (``_fb_panel_kernels``): per super-chunk the
+    P tiles against all past columns once (parallel), the row lse, then the ordered queue.
+    Scratch: panel B x W x T_pad (input dtype) + tile stats 2 x B x W x T_pad/bm (fp32) +
+    diagonal tiles B x T_pad x bm (fp32): O(W T), never T x T unless W = T fits the budget."""
+    from sessa_kernels import _fb_panel_kernels as pk
+
+    B, T, DK = q.shape
+    D = f.shape[-1]
+    nc = math.ceil(T / bm)
+    t_pad = nc * bm
+    n_dblk = math.ceil(D / bd)
+    W = panel_width(B, T, bm, q.element_size(), panel_rows)
+    nw = W // bm
+    dev = q.device
+    panel = torch.empty(B, W, t_pad, dtype=q.dtype, device=dev)
+    stm = torch.empty(B, W, nc, dtype=torch.float32, device=dev)
+    stl = torch.empty(B, W, nc, dtype=torch.float32, device=dev)
+    diag = torch.empty(B, t_pad, bm, dtype=torch.float32, device=dev)
+    counters = torch.zeros(math.ceil(nc / nw), dtype=torch.int32, device=dev)
+    for j, r0 in enumerate(range(0, nc, nw)):
+        n_local = min(nw, nc - r0)
+        pk.fwd_panel_scores[(n_local, r0 + n_local, B)](
+            q, k, panel, diag, stm, stl, T, W, t_pad, nc, r0, scale * LOG2E,
+            DK=DK, BM=bm, BK=_bk(DK), num_warps=4)
+        pk.fwd_panel_lse[(n_local, B)](stm, stl, lse, T, W, nc, r0, BM=bm, BC=64, num_warps=4)
+        pk.fwd_panel_solve[(n_local * B * n_dblk,)](
+            g, f, s, r, lse, panel, diag, stm, flags, counters[j:], T, B, W, t_pad, nc, r0,
+            n_local, D=D, BM=bm, BD=bd, N_DBLK=n_dblk, LOG2_BM=int(math.log2(bm)), PREC=prec,
+            num_warps=8 if bd >= 256 else 4)
+
+
+def _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, scale, bm, bd, prec, panel_rows):
+    """Adjoint solve by super-chunks of W columns in reverse time: per super-chunk alpha of all
+    later rows against its columns once (parallel, from the saved lse), then the ordered
+    queue. Scratch: panel B x T_pad x W (input dtype) + diagonal tiles B x T_pad x bm (fp32)."""
+    from sessa_kernels import _fb_panel_kernels as pk
+
+    B, T, DK = q.shape
+    D = u.shape[-1]
+    nc = math.ceil(T / bm)
+    t_pad = nc * bm
+    n_dblk = math.ceil(D / bd)
+    W = panel_width(B, T, bm, q.element_size(), panel_rows)
+    nw = W // bm
+    dev = q.device
+    panel = torch.empty(B, t_pad, W, dtype=q.dtype, device=dev)
+    diag = torch.empty(B, t_pad, bm, dtype=torch.float32, device=dev)
+    counters = torch.zeros(math.ceil(nc / nw), dtype=torch.int32, device=dev)
+    for j, c_hi in enumerate(range(nc, 0, -nw)):
+        c_lo = max(0, c_hi - nw)
+        pk.bwd_panel_scores[(nc - c_lo, c_hi - c_lo, B)](
+            q, k, lse, panel, diag, T, W, t_pad, c_lo, scale * LOG2E,
+            DK=DK, BM=bm, BK=_bk(DK), num_warps=4)
+        pk.bwd_panel_solve[((c_hi - c_lo) * B * n_dblk,)](
+            g, ds, u, r, dg, panel, diag, flags, counters[j:], T, B, W, t_pad, nc, c_lo, c_hi,
+            D=D, BM=bm, BD=bd, N_DBLK=n_dblk, LOG2_BM=int(math.log2(bm)), PREC=prec,
+            num_warps=8 if bd >= 256 else 4)
+
+
 class _FeedbackTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float,
-                block_m: int, block_d: int, prec: str) -> Tensor:
+                block_m: int, block_d: int, prec: str, solve: str, panel_rows: int | None
+                ) -> Tensor:
         from sessa_kernels import _fb_kernels as kern
 
         q, k, g, fc = (x.contiguous() for x in (q_b, k_b, gamma, f))
@@ -58,14 +144,17 @@ class _FeedbackTriton(torch.autograd.Function):
         r = torch.empty(B, T, D, dtype=torch.float32, device=dev)
         lse = torch.empty(B, T, dtype=torch.float32, device=dev)
         flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
-        counter = torch.zeros(1, dtype=torch.int32, device=dev)
-        kern.fwd_solve[(n_chunks * B * n_dblk,)](
-            q, k, g, fc, s, r, lse, flags, counter, T, B, n_chunks, scale * LOG2E,
-            DK=DK, D=D, BM=block_m, BK=min(64, max(16, triton_next_pow2(DK))), BD=block_d,
-            N_DBLK=n_dblk, LOG2_BM=int(math.log2(block_m)), PREC=prec,
-            num_warps=8 if block_d >= 256 else 4)
+        if solve == "panel":
+            _fwd_panel(q, k, g, fc, s, r, lse, flags, scale, block_m, block_d, prec, panel_rows)
+        else:
+            counter = torch.zeros(1, dtype=torch.int32, device=dev)
+            kern.fwd_solve[(n_chunks * B * n_dblk,)](
+                q, k, g, fc, s, r, lse, flags, counter, T, B, n_chunks, scale * LOG2E,
+                DK=DK, D=D, BM=block_m, BK=_bk(DK), BD=block_d,
+                N_DBLK=n_dblk, LOG2_BM=int(math.log2(block_m)), PREC=prec,
+                num_warps=8 if block_d >= 256 else 4)
         ctx.save_for_backward(q, k, g, s, lse, r)
-        ctx.cfg = (scale, block_m, block_d, prec)
+        ctx.cfg = (scale, block_m, block_d, prec, solve, panel_rows)
         return s
 
     @staticmethod
@@ -73,7 +162,7 @@ class _FeedbackTriton(torch.autograd.Function):
         from sessa_kernels import _fb_kernels as kern
 
         q, k, g, s, lse, r = ctx.saved_tensors
-        scale, block_m, block_d, prec = ctx.cfg
+        scale, block_m, block_d, prec, solve, panel_rows = ctx.cfg
         B, T, DK = q.shape
         D = s.shape[-1]
         n_chunks = math.ceil(T / block_m)
@@ -83,13 +172,17 @@ class _FeedbackTriton(torch.autograd.Function):
         u = torch.empty_like(s)
         dg = torch.zeros(B, T, dtype=torch.float32, device=dev)
         flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
-        counter = torch.zeros(1, dtype=torch.int32, device=dev)
-        bk = min(64, max(16, triton_next_pow2(DK)))
-        kern.bwd_solve[(n_chunks * B * n_dblk,)](
-            q, k, g, ds, u, r, lse, dg, flags, counter, T, B, n_chunks, scale * LOG2E,
-            DK=DK, D=D, BM=block_m, BK=bk, BD=block_d, N_DBLK=n_dblk,
-            LOG2_BM=int(math.log2(block_m)), PREC=prec,
-            num_warps=8 if block_d >= 256 else 4)
+        bk = _bk(DK)
+        if solve == "panel":
+            _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, scale, block_m, block_d, prec,
+                       panel_rows)
+        else:
+            counter = torch.zeros(1, dtype=torch.int32, device=dev)
+            kern.bwd_solve[(n_chunks * B * n_dblk,)](
+                q, k, g, ds, u, r, lse, dg, flags, counter, T, B, n_chunks, scale * LOG2E,
+                DK=DK, D=D, BM=block_m, BK=bk, BD=block_d, N_DBLK=n_dblk,
+                LOG2_BM=int(math.log2(block_m)), PREC=prec,
+                num_warps=8 if block_d >= 256 else 4)
         bkd = min(64, max(16, triton_next_pow2(D)))
         if os.environ.get("SESSA_DQDK", "pairs") == "pairs":
             dq = torch.zeros(B, T, DK, dtype=torch.float32, device=dev)
@@ -107,12 +200,14 @@ class _FeedbackTriton(torch.autograd.Function):
                 kern.bwd_dqdk[grid](q, k, g, u, s, lse, dg, out, T, n_chunks, scale * LOG2E,
                                     scale, DK=DK, D=D, BM=block_m, BK=min(bk, bkd), BKO=bko,
                                     FOR_DQ=for_dq, num_warps=4)
-        return (dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u, None, None, None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u, None, None, None, None,
+                None, None)
 
 
 def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
                     scale: float | None = None, block_m: int | None = None,
-                    block_d: int | None = None, precision: str = "tf32") -> Tensor:
+                    block_d: int | None = None, precision: str = "tf32",
+                    solve: str | None = None, panel_rows: int | None = None) -> Tensor:
     """Fused feedback solve; returns ``s`` with the shape and dtype of ``f``.
 
     Differentiable w.r.t. q_b, k_b, gamma and f. Inputs must be CUDA tensors (or CPU tensors
@@ -120,6 +215,10 @@ def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
     in float32 and cast back). ``block_m`` (rows per chunk, a power of two >= 16),
     ``block_d`` (channels per program) and ``precision`` (Triton ``input_precision`` of the
     float32 in-chunk products: "tf32", "tf32x3" or "ieee") are tuning knobs.
+
+    ``solve`` picks the forward / adjoint solve kernels: "queue" (default; scores recomputed
+    per channel block) or "panel" (scores once per super-chunk of ``panel_rows`` rows into an
+    O(W T) scratch, see ``panel_width``); None reads ``SESSA_SOLVE`` (default "queue").
     """
     check_feedback_inputs(q_b, k_b, gamma, f)
     if not (f.is_cuda or _interpreting()):
@@ -135,10 +234,15 @@ def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
         raise ValueError(f"block_m must be a power of two >= 16, got {bm}")
     if precision not in ("tf32", "tf32x3", "ieee"):
         raise ValueError(f"precision must be tf32, tf32x3 or ieee, got {precision!r}")
+    solve = solve or os.environ.get("SESSA_SOLVE", "queue")
+    if solve not in ("queue", "panel"):
+        raise ValueError(f"solve (or SESSA_SOLVE) must be queue or panel, got {solve!r}")
     if f.dtype == torch.float64:
         args = [x.float() for x in (q_b, k_b, gamma, f)]
-        return _FeedbackTriton.apply(*args, scale, bm, bd, precision).double()
+        return _FeedbackTriton.apply(*args, scale, bm, bd, precision, solve,
+                                    panel_rows).double()
     dt = f.dtype
     if dt not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {dt}")
-    return _FeedbackTriton.apply(q_b.to(dt), k_b.to(dt), gamma, f, scale, bm, bd, precision)
+    return _FeedbackTriton.apply(q_b.to(dt), k_b.to(dt), gamma, f, scale, bm, bd, precision,
+                                solve, panel_rows)

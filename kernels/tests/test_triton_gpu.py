@@ -22,9 +22,7 @@ CASES = [  # (B, T, Dk, D)
 ]
 
 
-@pytest.mark.parametrize("routing", ["sharp", "diffuse"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-Dk{}-D{}".format(*c))
-def test_triton_matches_fp64_reference(case: tuple[int, int, int, int], routing: str) -> None:
+def _check_against_fp64(case: tuple[int, int, int, int], routing: str, **kw) -> None:
     from sessa_kernels.triton_feedback import feedback_triton
 
     B, T, Dk, D = case
@@ -37,11 +35,33 @@ def test_triton_matches_fp64_reference(case: tuple[int, int, int, int], routing:
         def ref_fn(*a):
             return feedback_chunked(*a, chunk_size=1024)
     ref = value_and_grads(ref_fn, *(x.double() for x in (q, k, g, f, ds)))
-    out = value_and_grads(feedback_triton, q, k, g, f, ds)
+    out = value_and_grads(lambda *a: feedback_triton(*a, **kw), q, k, g, f, ds)
     errs = {n: rel_err(x, r) for n, x, r in zip(NAMES, out, ref, strict=True)}
-    print(case, routing, {n: f"{e:.2e}" for n, e in errs.items()})
+    print(case, routing, kw, {n: f"{e:.2e}" for n, e in errs.items()})
     assert out[0].dtype == torch.bfloat16
     assert all(e < 1e-2 for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("routing", ["sharp", "diffuse"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-Dk{}-D{}".format(*c))
+def test_triton_matches_fp64_reference(case: tuple[int, int, int, int], routing: str) -> None:
+    _check_against_fp64(case, routing, solve="queue")
+
+
+@pytest.mark.parametrize("routing", ["sharp", "diffuse"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-Dk{}-D{}".format(*c))
+def test_triton_panel_matches_fp64_reference(case: tuple[int, int, int, int],
+                                             routing: str) -> None:
+    """The panel solves (default scratch budget: one super-chunk up to T = 4096, several at
+    T = 32768)."""
+    _check_against_fp64(case, routing, solve="panel")
+
+
+@pytest.mark.parametrize("case,rows", [((2, 1000, 256, 256), 256), ((1, 4096, 1024, 1024), 1024),
+                                       ((2, 65, 64, 200), 64)],
+                         ids=["B2-T1000-W256", "B1-T4096-W1024", "B2-T65-W64"])
+def test_triton_panel_several_superchunks(case: tuple[int, int, int, int], rows: int) -> None:
+    _check_against_fp64(case, "sharp", solve="panel", panel_rows=rows)
 
 
 @pytest.mark.parametrize("P", [1, 1000, 32768])
