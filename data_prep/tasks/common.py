@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,25 +66,47 @@ def to_sample(example: TaskExample, seq_len: int, pad_id: int) -> Sample:
     return Sample(tokens=tokens, mask=mask, meta=example.meta)
 
 
+_MAKE: Callable[[int], TaskExample] | None = None   # the generator, inherited by forked workers
+
+
+def _write_one_shard(job: tuple[Path, int, int, int, int, str]) -> Any:
+    path, first, count, seq_len, pad_id, dtype = job
+    samples = [to_sample(_MAKE(first + i), seq_len, pad_id) for i in range(count)]
+    return write_shard(path, samples, first, dtype)
+
+
 def write_task_split(out: Path, split: str, make: Callable[[int], TaskExample],
                      num_examples: int, seq_len: int, vocab: TaskVocab,
                      tokenizer_sha256: str | None, generator: dict[str, Any],
                      examples_per_shard: int = 4096,
-                     tokenizer: dict[str, Any] | None = None) -> Manifest:
-    """Generate ``num_examples`` examples with ``make(index)`` and write ``out/<split>/``."""
+                     tokenizer: dict[str, Any] | None = None, workers: int = 1) -> Manifest:
+    """Generate ``num_examples`` examples with ``make(index)`` and write ``out/<split>/``.
+
+    ``workers > 1`` writes shards in forked processes; examples are seeded per index, so the
+    output is byte-identical for any worker count."""
+    global _MAKE
     if num_examples <= 0:
         raise ValueError(f"num_examples must be positive, got {num_examples}")
     directory = out / split
     directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype_for_vocab(vocab.size)
+    jobs = [(directory / f"{split}-{n:06d}.tar", first,
+             min(examples_per_shard, num_examples - first), seq_len, vocab.pad_id, dtype)
+            for n, first in enumerate(range(0, num_examples, examples_per_shard))]
+    _MAKE = make
     shards = []
     with tqdm(total=num_examples, desc=f"{vocab.name} {split}", unit="ex") as bar:
-        for first in range(0, num_examples, examples_per_shard):
-            count = min(examples_per_shard, num_examples - first)
-            samples = [to_sample(make(first + i), seq_len, vocab.pad_id) for i in range(count)]
-            name = f"{split}-{len(shards):06d}.tar"
-            shards.append(write_shard(directory / name, samples, first, dtype))
-            bar.update(count)
+        if workers > 1 and len(jobs) > 1:
+            # fork: the closure ``make`` is not picklable, the children inherit it instead
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(min(workers, len(jobs))) as pool:
+                for job, info in zip(jobs, pool.imap(_write_one_shard, jobs), strict=True):
+                    shards.append(info)
+                    bar.update(job[2])
+        else:
+            for job in jobs:
+                shards.append(_write_one_shard(job))
+                bar.update(job[2])
     manifest = Manifest(
         kind="task", split=split, seq_len=seq_len, vocab_size=vocab.size, token_dtype=dtype,
         tokenizer_sha256=tokenizer_sha256 or vocab.sha256, has_mask=True, pad_id=vocab.pad_id,

@@ -197,6 +197,14 @@ def tracking_uri(out: pathlib.Path) -> str:
     return default_uri(str(out))
 
 
+def train_examples(family: str, steps: int | None) -> int:
+    """train.steps x train.global_batch_size of the family's recipes (they share both)."""
+    from sessa_pt.config import load_config
+
+    t = load_config(ROOT / "recipes" / family / "sessa.yaml").train
+    return (steps or t.steps) * t.global_batch_size
+
+
 def read_json(path: pathlib.Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -227,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                str(lo), "--max-len", str(hi), "--seq-len", str(seq_len), "--seed", "0"]
         if args.smoke:
             gen += ["--train", "64", "--valid", "16", "--test", "32"]
+        else:   # as many training examples as the budget consumes: each is seen once
+            gen += ["--train", str(train_examples(family, args.steps)),
+                    "--workers", str(min(32, os.cpu_count() or 1))]
         code, _, _ = runner.run(gen, env)
         if code:
             return code
