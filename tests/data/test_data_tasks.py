@@ -150,3 +150,13 @@ def test_task_workers_write_identical_shards(tmp_path: Path) -> None:
         [s.num_tokens for s in manifests[1].shards]
     for a in sorted((tmp_path / "1" / "train").glob("*.tar")):
         assert a.read_bytes() == (tmp_path / "3" / "train" / a.name).read_bytes()
+
+
+def test_symbolsoup_probe_finds_the_styles() -> None:
+    """The linear probe on block letter/bigram frequencies beats chance clearly (0.25 / 0.20),
+    even on short sequences: the style blocks carry the label."""
+    from data_prep.tasks import symbolsoup_probe
+
+    res = symbolsoup_probe.main(["--train", "400", "--test", "200", "--min-len", "100",
+                                 "--max-len", "150"])
+    assert res["left_style_acc"] > 0.4 and res["right_style_acc"] > 0.35
