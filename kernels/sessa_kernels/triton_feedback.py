@@ -67,6 +67,16 @@ def panel_width(B: int, T: int, block_m: int, elem_bytes: int,
     return min(w, t_pad)
 
 
+def _panel_geometry(q, values, bm, bd, panel_rows):
+    """Sizes shared by both panel solves: (B, T, Dk, D, chunks, padded T, channel blocks, W,
+    chunks per super-chunk)."""
+    B, T, DK = q.shape
+    D = values.shape[-1]
+    nc = math.ceil(T / bm)
+    W = panel_width(B, T, bm, q.element_size(), panel_rows)
+    return B, T, DK, D, nc, nc * bm, math.ceil(D / bd), W, W // bm
+
+
 def _fwd_panel(q, k, g, f, s, r, lse, flags, scale, bm, bd, prec, panel_rows):
     """Forward solve by super-chunks of W rows (``_fb_panel_kernels``): per super-chunk the
     P tiles against all past columns once (parallel), the row lse, then the ordered queue.
@@ -74,13 +84,7 @@ def _fwd_panel(q, k, g, f, s, r, lse, flags, scale, bm, bd, prec, panel_rows):
     diagonal tiles B x T_pad x bm (fp32): O(W T), never T x T unless W = T fits the budget."""
     from sessa_kernels import _fb_panel_kernels as pk
 
-    B, T, DK = q.shape
-    D = f.shape[-1]
-    nc = math.ceil(T / bm)
-    t_pad = nc * bm
-    n_dblk = math.ceil(D / bd)
-    W = panel_width(B, T, bm, q.element_size(), panel_rows)
-    nw = W // bm
+    B, T, DK, D, nc, t_pad, n_dblk, W, nw = _panel_geometry(q, f, bm, bd, panel_rows)
     dev = q.device
     panel = torch.empty(B, W, t_pad, dtype=q.dtype, device=dev)
     stm = torch.empty(B, W, nc, dtype=torch.float32, device=dev)
@@ -105,13 +109,7 @@ def _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, scale, bm, bd, prec, panel_row
     queue. Scratch: panel B x T_pad x W (input dtype) + diagonal tiles B x T_pad x bm (fp32)."""
     from sessa_kernels import _fb_panel_kernels as pk
 
-    B, T, DK = q.shape
-    D = u.shape[-1]
-    nc = math.ceil(T / bm)
-    t_pad = nc * bm
-    n_dblk = math.ceil(D / bd)
-    W = panel_width(B, T, bm, q.element_size(), panel_rows)
-    nw = W // bm
+    B, T, DK, D, nc, t_pad, n_dblk, W, nw = _panel_geometry(q, u, bm, bd, panel_rows)
     dev = q.device
     panel = torch.empty(B, t_pad, W, dtype=q.dtype, device=dev)
     diag = torch.empty(B, t_pad, bm, dtype=torch.float32, device=dev)
