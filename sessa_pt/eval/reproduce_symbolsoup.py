@@ -95,16 +95,13 @@ class Runner:
         self.commands.append(text)
         return text
 
-    def run(self, cmd: list[str], env: dict[str, str] | None = None
-            ) -> tuple[int, float, bool]:
-        """Run one command with its output streamed; returns (exit code, seconds, False)."""
+    def run(self, cmd: list[str], env: dict[str, str] | None = None) -> int:
+        """Run one command with its output streamed; returns its exit code."""
         print(f"\n$ {self._record(cmd, {})}", flush=True)
         if self.dry_run:
-            return 0, 0.0, False
-        t0 = time.time()
-        code = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+            return 0
+        return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
                               check=False).returncode
-        return code, time.time() - t0, False
 
     def run_all(self, jobs: list[Job], env: dict[str, str] | None = None,
                 max_minutes: float = 0.0) -> list[tuple[int, float, bool]]:
@@ -162,7 +159,8 @@ class Runner:
                           flush=True)
                     if proc.returncode and job.log:
                         print("".join(job.log.read_text().splitlines(True)[-30:]), flush=True)
-        return [r for r in results if r is not None]
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
 
 
 @dataclasses.dataclass
@@ -238,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         else:   # as many training examples as the budget consumes: each is seen once
             gen += ["--train", str(train_examples(family, args.steps)),
                     "--workers", str(min(32, os.cpu_count() or 1))]
-        code, _, _ = runner.run(gen, env)
+        code = runner.run(gen, env)
         if code:
             return code
     else:
@@ -299,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. report and RESULTS.md
     report_dir = out / "report"
-    code, _, _ = runner.run([py, "-m", "sessa_pt.eval.report", "--tracking-uri", uri,
-                             "--experiment", family, "--out", str(report_dir)], env)
+    code = runner.run([py, "-m", "sessa_pt.eval.report", "--tracking-uri", uri,
+                      "--experiment", family, "--out", str(report_dir)], env)
     if code:
         print("[reproduce] the comparison report failed; RESULTS.md is still written",
               flush=True)
