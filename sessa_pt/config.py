@@ -35,6 +35,9 @@ class DataConfig:
     tokenizer_hash: str = ""    # expected sha256 of the tokenizer ("" = take the train shards')
     num_workers: int = 1        # DataLoader workers per rank
     skip_corrupt: bool = False  # skip (and log) corrupt shards instead of failing
+    context_loss_weight: float = 0.0  # task shards: next-token loss on the context tokens too,
+                                # with this weight per token (an answer token weighs 1); 0 =
+                                # answers only. Training only: val_loss stays the answer loss.
 
 
 @dataclass
@@ -285,6 +288,9 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
                 e.append(f"mamba2 under parallel.tp={p.tp} splits heads and B/C groups: "
                          f"model.mamba2.n_groups={m.mamba2.n_groups} and the {heads} heads must "
                          f"be divisible by tp (e.g. model.mamba2.n_groups={p.tp})")
+    if cfg.data.context_loss_weight < 0:
+        e.append(f"data.context_loss_weight={cfg.data.context_loss_weight}: must be >= 0 (0 = "
+                 "loss on the answer tokens only)")
     precision = resolve_precision(cfg, cuda)
     if precision == "bf16" and p.pp > 1 and p.grad_accum_dtype != "fp32":
         e.append("bf16 with parallel.pp>1 needs fp32 gradient accumulation (bf16 accumulation "

@@ -1,10 +1,14 @@
 """SymbolSoup (Sessa paper, arXiv 2604.18580): classify a sequence by the styles of two hidden
 blocks of letters buried in uniform noise. Reimplemented from the description in
-``shared/research/data.md``.
+``shared/research/data.md``, following the authors' generator (``LibratioAI/sessa``,
+``datasets/SymbolSoup.py``) in every sampling rule: secondary letters prefer only themselves as
+the next letter, motifs are inserted only where one fits whole, flips change the letter, and the
+block lengths are drawn as theirs are. The random streams are ours (one seeded stream per
+example), so the examples are not theirs byte for byte.
 
 Vocabulary (character level, one token per character or special): ``<pad> <bos> <sep1> <sep2>
 <sep> <label>``, space, newline, the letters ``a``-``p``, and 20 class tokens ``<c0>..<c19>``.
-Layout (parts joined by newlines, letters by spaces)::
+Layout (parts joined by newlines, letters and the final two specials by spaces)::
 
     <bos> N0 <sep1> B1 <sep2> N1 <sep1> B2 <sep2> N2 <sep> <label> <cK>
 
@@ -47,7 +51,7 @@ def _make_style(rng: random.Random) -> Style:
     weights.update({c: 2.0 for c in sec})
     pref = {(prim[i], prim[(i + 1) % 4]) for i in range(4)}
     pref |= {(p, p) for p in prim}
-    pref |= {(a, b) for a in sec for b in sec}
+    pref |= {(c, c) for c in sec}
     pref |= {(prim[i], sec[i]) for i in range(4)} | {(sec[i], prim[i]) for i in range(4)}
     return Style(weights, frozenset(pref))
 
@@ -72,19 +76,23 @@ def _motifs(style: Style) -> tuple[list[list[str]], list[float]]:
 
 
 def style_block(style: Style, length: int, rng: random.Random) -> list[str]:
-    """``length`` letters in a style: motifs and biased Markov steps, then 3% flips."""
+    """``length`` letters in a style: motifs (only where one fits whole) and biased Markov
+    steps, then each letter flipped to a different letter with probability 3%."""
     runs, motif_weights = _motifs(style)
     out: list[str] = []
     while len(out) < length:
-        if rng.random() < MOTIF_P:
-            motif = rng.choices(runs, weights=motif_weights)[0]
-            out.extend(motif[: length - len(out)])
+        room = length - len(out)
+        if room >= 3 and rng.random() < MOTIF_P:
+            fits = [i for i, run in enumerate(runs) if len(run) <= room]
+            pick = rng.choices(fits, weights=[motif_weights[i] for i in fits])[0]
+            out.extend(runs[pick])
             continue
         prev = out[-1] if out else None
         weights = [style.weights[c] * (BIGRAM_BOOST if (prev, c) in style.preferred else 1.0)
                    for c in LETTERS]
         out.append(rng.choices(LETTERS, weights=weights)[0])
-    return [rng.choice(LETTERS) if rng.random() < FLIP_P else c for c in out]
+    return [rng.choice([x for x in LETTERS if x != c]) if rng.random() < FLIP_P else c
+            for c in out]
 
 
 def letter_bounds(min_len: int, max_len: int) -> tuple[int, int]:
@@ -93,12 +101,6 @@ def letter_bounds(min_len: int, max_len: int) -> tuple[int, int]:
     if lo < 10 or hi < lo:
         raise ValueError(f"length range [{min_len}, {max_len}] is too short for SymbolSoup")
     return lo, hi
-
-
-def _split_count(total: int, parts: int, rng: random.Random) -> list[int]:
-    """``total`` split into ``parts`` positive integers, uniformly over compositions."""
-    cuts = sorted(rng.sample(range(1, total), parts - 1))
-    return [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
 
 
 def class_of(index: int, num_examples: int, seed: int, split: str) -> int:
@@ -119,9 +121,15 @@ def make_example(index: int, label: int, seed: int, split: str, min_len: int,
     rng = example_rng("symbolsoup", seed, split, index)
     lo, hi = letter_bounds(min_len, max_len)
     letters = rng.randint(lo, hi)
-    noise = rng.randint(math.ceil(0.3 * letters), math.floor(0.6 * letters))
-    n0, n1, n2 = _split_count(noise, 3, rng)
-    left_len, right_len = _split_count(letters - noise, 2, rng)
+    # Lengths as the authors' generator draws them: noise ~ U[0.3M, 0.6M] letters (at least 3),
+    # cut into three blocks by two sequential draws; the rest cut in two for the style blocks.
+    noise_lo = max(3, int(0.3 * letters))
+    noise = min(rng.randint(noise_lo, max(noise_lo, int(0.6 * letters))), letters - 2)
+    n0 = rng.randint(1, noise - 2)
+    n1 = rng.randint(1, noise - n0 - 1)
+    n2 = noise - n0 - n1
+    left_len = rng.randint(1, letters - noise - 1)
+    right_len = letters - noise - left_len
     left_styles, right_styles = styles()
     blocks = [style_block(left_styles[label // 5], left_len, rng),
               style_block(right_styles[label % 5], right_len, rng)]
@@ -131,7 +139,7 @@ def make_example(index: int, label: int, seed: int, split: str, min_len: int,
     noise_blocks = [[rng.choice(LETTERS) for _ in range(n)] for n in (n0, n1, n2)]
     parts: list[list[str]] = [
         ["<bos>"], noise_blocks[0], ["<sep1>"], blocks[0], ["<sep2>"], noise_blocks[1],
-        ["<sep1>"], blocks[1], ["<sep2>"], noise_blocks[2], ["<sep>"], ["<label>"]]
+        ["<sep1>"], blocks[1], ["<sep2>"], noise_blocks[2], ["<sep>", "<label>"]]
     tokens: list[str] = []
     for i, part in enumerate(parts):
         if i:

@@ -3,18 +3,23 @@
 The layer is the paper's gated block (LN -> W_in -> GELU / gate -> mixer -> W_out, residual,
 ``sessa_pt.models.blocks.GatedBlock``) with the mixer ``SessaMixer(impl=dense|chunked|triton)``
 or ``AttentionMixer``; ``triton_panel`` is the triton mixer with ``SESSA_SOLVE=panel`` (the
-panel variant of the two solves). D=1024, 16 heads, bf16, 16k tokens per batch (B = 16384 / T,
+panel variant of the two solves), ``triton_panel_fp32`` the same with float32 panel tiles
+(``SESSA_PANEL_SCRATCH=fp32``). D=1024, 16 heads, bf16, 16k tokens per batch (B = 16384 / T,
 B = 1 beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
 (weights and the input). Run on the GPU machine:
 
     PYTHONPATH=$PWD:$PWD/kernels python3 kernels/benchmarks/bench_sessa_layer.py \
-        [--seq 512,2048,8192] [--impls attention,triton,triton_panel,chunked,dense] [--decode]
+        [--seq 512,2048,8192] [--impls attention,triton,triton_panel,chunked,dense] \
+        [--decode 1024,8192] [--decode-batch 1,16] [--no-graphs] [--json out.json]
+
+``--seq ''`` skips the layer benchmark, ``--decode ''`` the decode benchmark.
 """
 
 # ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -29,14 +34,39 @@ from sessa_pt.models.sessa import SessaMixer
 D, H, TOKENS = 1024, 16, 16384
 
 
+# Layer variants that are the triton mixer under other kernel settings (environment).
+TRITON_VARIANTS = {
+    "triton": {"SESSA_SOLVE": "queue"},
+    "triton_panel": {"SESSA_SOLVE": "panel", "SESSA_PANEL_SCRATCH": "input"},
+    "triton_panel_fp32": {"SESSA_SOLVE": "panel", "SESSA_PANEL_SCRATCH": "fp32"},
+}
+
+
 def make_block(impl: str) -> nn.Module:
     from sessa_pt.models.blocks import GatedBlock
 
     if impl == "attention":
         mixer = AttentionMixer(D, H)
     else:
-        mixer = SessaMixer(D, H, impl=impl.removesuffix("_panel"), chunk_size=128)
+        mixer = SessaMixer(D, H, impl="triton" if impl in TRITON_VARIANTS else impl,
+                           chunk_size=128)
     return GatedBlock(D, mixer).cuda().to(torch.bfloat16)
+
+
+@contextlib.contextmanager
+def variant_env(impl: str):
+    """Set the environment of a triton variant for the duration, then restore it."""
+    env = TRITON_VARIANTS.get(impl, {})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def time_fwd_bwd(block: nn.Module, B: int, T: int, budget_s: float = 2.0
@@ -84,19 +114,13 @@ def bench_layers(seqs: list[int], impls: list[str], limits: dict[str, int]) -> l
                 row["status"] = "skipped"
             else:
                 block = make_block(impl)
-                solve = os.environ.get("SESSA_SOLVE")
-                os.environ["SESSA_SOLVE"] = "panel" if impl.endswith("_panel") else "queue"
                 try:
-                    row["ms"], row["gib"] = time_fwd_bwd(block, B, T)
-                    row["fwd_ms"] = time_fwd(block, B, T)
+                    with variant_env(impl):
+                        row["ms"], row["gib"] = time_fwd_bwd(block, B, T)
+                        row["fwd_ms"] = time_fwd(block, B, T)
                     row["status"] = "ok"
                 except torch.OutOfMemoryError:
                     row["status"] = "OOM"
-                finally:
-                    if solve is None:
-                        os.environ.pop("SESSA_SOLVE")
-                    else:
-                        os.environ["SESSA_SOLVE"] = solve
                 del block
                 torch.cuda.empty_cache()
             rows.append(row)
@@ -125,22 +149,29 @@ def print_layer_table(rows: list[dict], impls: list[str]) -> None:
         if tr.get("status") == "ok" and de.get("status") == "ok":
             ratio += f"   {de['ms'] / tr['ms']:8.2f}x"
         print(f"{T:7d} {max(1, TOKENS // T):3d} " + " ".join(cells) + "   " + ratio)
+    panels = [i for i in impls if i.startswith("triton_panel")]
     print(f"\n{'T':>7} " + " ".join(f"{i + ' fwd ms':>18}" for i in impls)
-          + "   panel/triton fwd, fwd+bwd")
+          + "   " + ", ".join(f"{i}/triton fwd, fwd+bwd" for i in panels))
     for T in seqs:
         cells = [f"{by.get((T, i), {}).get('fwd_ms', float('nan')):18.2f}" for i in impls]
-        tr, pa = by.get((T, "triton"), {}), by.get((T, "triton_panel"), {})
-        ratio = ""
-        if tr.get("status") == "ok" and pa.get("status") == "ok":
-            ratio = f"{pa['fwd_ms'] / tr['fwd_ms']:8.2f}x {pa['ms'] / tr['ms']:6.2f}x"
-        print(f"{T:7d} " + " ".join(cells) + "   " + ratio)
+        tr = by.get((T, "triton"), {})
+        ratios = []
+        for i in panels:
+            pa = by.get((T, i), {})
+            if tr.get("status") == "ok" and pa.get("status") == "ok":
+                ratios.append(f"{pa['fwd_ms'] / tr['fwd_ms']:8.2f}x {pa['ms'] / tr['ms']:6.2f}x")
+        print(f"{T:7d} " + " ".join(cells) + "   " + "   ".join(ratios))
 
 
-def bench_decode(contexts: list[int], B: int = 1) -> list[dict]:
+def bench_decode(contexts: list[int], B: int = 1, graphs: bool = True) -> list[dict]:
     """One decoding step of each layer at context P, caches preallocated (no concatenation):
     attention: block projections + SDPA over (K, V); Sessa: + feedback projections and the fused
-    feedback read over (K_b, S)."""
+    feedback read over (K_b, S). Eager (one launch per kernel from Python) and, with ``graphs``,
+    the same step captured once in a CUDA graph (static input and caches, fixed P) and replayed:
+    the launch overhead out, what is left is the GPU time of the step. ``graph_max_diff``: the
+    largest |replay - eager| over both layers' outputs (expected 0 or bf16 rounding)."""
     import torch.nn.functional as F
+    from cuda_timing import graph_median_ms
     from sessa_kernels.decode import feedback_decode_step
 
     rows = []
@@ -177,13 +208,30 @@ def bench_decode(contexts: list[int], B: int = 1) -> list[dict]:
                "sessa_ms": median_ms(step_sessa, 50, warmup=3),
                "sessa_torch_ms": median_ms(lambda: step_sessa("torch"), 10, warmup=3)}
         row["ratio"] = row["sessa_ms"] / row["attn_ms"]
+        if graphs:
+            eager = (step_attn(), step_sessa())
+            row["attn_graph_ms"], out_a, graph_a = graph_median_ms(step_attn, 100)
+            row["sessa_graph_ms"], out_s, graph_s = graph_median_ms(step_sessa, 100)
+            row["graph_ratio"] = row["sessa_graph_ms"] / row["attn_graph_ms"]
+            row["graph_max_diff"] = max((o.float() - e.float()).abs().max().item()
+                                        for o, e in zip((out_a, out_s), eager, strict=True))
+            del eager, out_a, out_s, graph_a, graph_s
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'P':>7} {'B':>3} {'attn ms':>9} {'sessa ms':>9} {'ratio':>6} {'torch-fb ms':>12}")
+        torch.cuda.empty_cache()
+    print_decode_table(rows)
+    return rows
+
+
+def print_decode_table(rows: list[dict]) -> None:
+    nan = float("nan")
+    print(f"\n{'P':>7} {'B':>3} {'attn ms':>9} {'sessa ms':>9} {'ratio':>6} {'torch-fb ms':>12}"
+          f" {'attn graph ms':>14} {'sessa graph ms':>15} {'graph ratio':>12} {'max diff':>9}")
     for r in rows:
         print(f"{r['P']:7d} {r['B']:3d} {r['attn_ms']:9.3f} {r['sessa_ms']:9.3f} "
-              f"{r['ratio']:6.2f} {r['sessa_torch_ms']:12.3f}")
-    return rows
+              f"{r['ratio']:6.2f} {r['sessa_torch_ms']:12.3f} "
+              f"{r.get('attn_graph_ms', nan):14.3f} {r.get('sessa_graph_ms', nan):15.3f} "
+              f"{r.get('graph_ratio', nan):12.2f} {r.get('graph_max_diff', nan):9.2g}")
 
 
 def main() -> None:
@@ -194,19 +242,25 @@ def main() -> None:
     ap.add_argument("--chunked-max", type=int, default=32768)
     ap.add_argument("--decode", default="1024,8192,32768,131072",
                     help="decode contexts ('' to skip)")
+    ap.add_argument("--decode-batch", default="1,16", help="decode batch sizes")
+    ap.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the decode steps replayed from CUDA graphs")
     ap.add_argument("--json", default="", help="write all rows here")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     impls = args.impls.split(",")
-    rows = bench_layers([int(s) for s in args.seq.split(",")], impls,
-                        {"dense": args.dense_max, "chunked": args.chunked_max})
+    seqs = [int(s) for s in args.seq.split(",") if s]
+    rows = bench_layers(seqs, impls, {"dense": args.dense_max, "chunked": args.chunked_max})
     dec = []
     if args.decode:
-        for B in (1, 16):
-            dec += bench_decode([int(p) for p in args.decode.split(",")], B)
+        for B in (int(b) for b in args.decode_batch.split(",")):
+            dec += bench_decode([int(p) for p in args.decode.split(",")], B, args.graphs)
     print(f"\n# {time.strftime('%Y-%m-%d')} {torch.cuda.get_device_name()} torch "
           f"{torch.__version__}")
-    print_layer_table(rows, impls)
+    if rows:
+        print_layer_table(rows, impls)
+    if dec:
+        print_decode_table(dec)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"layers": rows, "decode": dec}, fh, indent=1)

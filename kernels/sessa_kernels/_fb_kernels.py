@@ -13,9 +13,12 @@ flag, acquire) and publishes its own chunk (release) when solved. The in-chunk s
 ``(I - N)^{-1} = (I + N)(I + N^2)(I + N^4)...``, log2(BM) small matrix products.
 
 * ``fwd_solve``: online (max, sum) softmax over the strict past, ``s``, the row log-sum-exp and
-  ``r_t = sum_j alpha[t, j] s_j`` (for dgamma).
+  ``r_t = sum_j alpha[t, j] s_j`` (for dgamma; with FROM_STORED, s as stored, i.e. rounded to
+  the output dtype, the values the backward reads).
 * ``bwd_solve``: the adjoint solve in reverse time, ``u = (I - B)^{-T} ds`` (= df), and
-  ``dgamma_t = <u_t, r_t>`` (atomic sum over channel blocks).
+  ``dgamma_t = <u_t, r_t>`` (atomic sum over channel blocks; with FROM_STORED, u as stored).
+  FROM_STORED keeps ``sum_j dlogit[t, j] = 0`` for the rounded u and s that ``bwd_dqdk*``
+  multiply (kernels/NOTES.md, "Panel precision").
 * ``bwd_dqdk``: the softmax backward, ``dlogit = alpha * gamma * (u s^T - dgamma)``, fully
   parallel; ``dk`` accumulates per column chunk, ``dq`` per row chunk (two launches of the one
   kernel, ``FOR_DQ`` selecting which).
@@ -67,7 +70,7 @@ def _unit_lower_solve(nmat, rhs, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
 def fwd_solve(Q, K, G, F, S, R, LSE, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
               DK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
               BD: tl.constexpr, N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, FROM_STORED: tl.constexpr):
     tile = tl.atomic_add(COUNTER, 1)
     dblk = tile % N_DBLK
     rest = tile // N_DBLK
@@ -118,7 +121,7 @@ def fwd_solve(Q, K, G, F, S, R, LSE, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
     io_off = offs_m[:, None] * D + offs_d[None, :]
     f = tl.load(F + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32)
     x = _unit_lower_solve(p * coef[:, None], f + coef[:, None] * acc, LOG2_BM, PREC)
-    tl.store(s_ptr + io_off, x.to(S.dtype.element_ty), mask=io_mask)
+    x = _store_solved(s_ptr + io_off, x, io_mask, FROM_STORED)
     rr = (acc + tl.dot(p, x, input_precision=PREC)) * inv_l[:, None]
     tl.store(R + b * T * D + io_off, rr, mask=io_mask)
     if dblk == 0:
@@ -129,10 +132,43 @@ def fwd_solve(Q, K, G, F, S, R, LSE, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
 
 
 @triton.jit
+def _store_solved(ptr, x, mask, FROM_STORED: tl.constexpr):
+    """Store the float32 solution x of a chunk in the output dtype; return what the rest of the
+    tile computes with: the stored (rounded) values if FROM_STORED, else x itself."""
+    xs = x.to(ptr.dtype.element_ty)
+    tl.store(ptr, xs, mask=mask)
+    if FROM_STORED:
+        x = xs.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag, b, T, offs_n, nmask, offs_d, dmask,
+                      D: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
+                      FROM_STORED: tl.constexpr):
+    """The end of one adjoint-solve tile (column chunk ``offs_n``, channels ``offs_d``, batch
+    ``b``), shared by ``bwd_solve`` and the panel kernel ``bwd_panel_solve``: p is the chunk's
+    strict-lower alpha tile (float32) and acc the float32 sum over the later chunks of
+    alpha^T (gamma u). Solves u = (I - (diag(gamma) p)^T)^{-1} (ds + acc), stores u, adds
+    dgamma_t += <u_t, r_t> over this channel block (u as stored if FROM_STORED) and releases
+    the tile's ready ``flag``."""
+    g = tl.load(G + b * T + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    io_mask = nmask[:, None] & dmask[None, :]
+    io_off = offs_n[:, None] * D + offs_d[None, :]
+    rhs = tl.load(DS + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32) + acc
+    u = _unit_lower_solve(tl.trans(p * g[:, None]), rhs, LOG2_BM, PREC)
+    u = _store_solved(U + b * T * D + io_off, u, io_mask, FROM_STORED)
+    rr = tl.load(R + b * T * D + io_off, mask=io_mask, other=0.0)
+    tl.atomic_add(DG + b * T + offs_n, tl.sum(u * rr, 1), mask=nmask)
+    tl.debug_barrier()
+    tl.atomic_xchg(flag, 1, sem="release")
+
+
+@triton.jit
 def bwd_solve(Q, K, G, DS, U, R, LSE, DG, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
               DK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
               BD: tl.constexpr, N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, FROM_STORED: tl.constexpr):
     tile = tl.atomic_add(COUNTER, 1)
     dblk = tile % N_DBLK
     rest = tile // N_DBLK
@@ -167,16 +203,8 @@ def bwd_solve(Q, K, G, DS, U, R, LSE, DG, FLAGS, COUNTER, T, B, n_chunks, scale_
     lse = tl.load(LSE + b * T + offs_n, mask=nmask, other=float("inf"))
     strict = (ar[None, :] < ar[:, None]) & (offs_n[None, :] < T)
     p = tl.where(strict, tl.exp2(sc - lse[:, None]), 0.0)
-    g = tl.load(G + b * T + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    io_mask = nmask[:, None] & dmask[None, :]
-    io_off = offs_n[:, None] * D + offs_d[None, :]
-    rhs = tl.load(DS + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32) + acc
-    u = _unit_lower_solve(tl.trans(p * g[:, None]), rhs, LOG2_BM, PREC)
-    tl.store(u_ptr + io_off, u.to(U.dtype.element_ty), mask=io_mask)
-    rr = tl.load(R + b * T * D + io_off, mask=io_mask, other=0.0)
-    tl.atomic_add(DG + b * T + offs_n, tl.sum(u * rr, 1), mask=nmask)
-    tl.debug_barrier()
-    tl.atomic_xchg(flag_ptr + c * N_DBLK, 1, sem="release")
+    _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag_ptr + c * N_DBLK, b, T, offs_n, nmask,
+                      offs_d, dmask, D, LOG2_BM, PREC, FROM_STORED)
 
 
 @triton.jit

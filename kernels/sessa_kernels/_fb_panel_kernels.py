@@ -8,8 +8,8 @@ recomputing them. Per super-chunk:
 
 forward (rows [r0*BM, r0*BM + W), all past columns):
   1. ``fwd_panel_scores``, one program per tile (row chunk r, column chunk c <= r, batch):
-     ``P = exp2(score - m)`` with ``m`` the row max over the tile, stored in the input dtype
-     (diagonal tiles, strict lower, in float32 to a separate (B, T, BM) scratch, so the
+     ``P = exp2(score - m)`` with ``m`` the row max over the tile, stored in the panel dtype
+     (the input dtype, or float32 with ``SESSA_PANEL_SCRATCH=fp32``) (diagonal tiles, strict lower, in float32 to a separate (B, T, BM) scratch, so the
      in-chunk solve keeps float32 coefficients as in the queue kernel), and the per-row tile
      statistics (m, sum P) in float32.
   2. ``fwd_panel_lse``, one program per (row chunk, batch): merges the tile statistics into
@@ -17,11 +17,14 @@ forward (rows [r0*BM, r0*BM + W), all past columns):
   3. ``fwd_panel_solve``: the ordered tile queue of ``fwd_solve`` (chunk, batch, channel
      block) with ``alpha_c = P_c * exp2(m_c - lse)`` read from the panel: the row factor is
      applied to the fp32 product ``P_c @ s_c``, so P is rounded once, as in ``fwd_solve``.
+     The past products run in the panel dtype: bf16 operands as in the queue kernels, or
+     float32 tiles times s (exact in float32) in tf32.
 adjoint (column chunks [c_lo, c_hi), W = (c_hi - c_lo) BM, all later rows, super-chunks in
 reverse time):
   1. ``bwd_panel_scores``: ``alpha = exp2(score - lse)`` for each tile (row chunk r >= c,
      column chunk c in the super-chunk), the lse saved by the forward.
-  2. ``bwd_panel_solve``: ``bwd_solve`` with the tiles read from the panel.
+  2. ``bwd_panel_solve``: ``bwd_solve`` with the tiles read from the panel (the same tail,
+     ``_fb_kernels._bwd_finish_chunk``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from sessa_kernels._fb_kernels import _scores, _unit_lower_solve, _wait
+from sessa_kernels._fb_kernels import (
+    _bwd_finish_chunk,
+    _scores,
+    _store_solved,
+    _unit_lower_solve,
+    _wait,
+)
 
 
 @triton.jit
@@ -96,7 +105,8 @@ def fwd_panel_lse(STM, STL, LSE, T, W, NC, r0, BM: tl.constexpr, BC: tl.constexp
 @triton.jit
 def fwd_panel_solve(G, F, S, R, LSE, PANEL, DIAG, STM, FLAGS, COUNTER, T, B, W, T_PAD, NC,
                     r0, n_local, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
+                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
+                    FROM_STORED: tl.constexpr):
     """Ordered tile queue over (local chunk, batch, channel block), as ``fwd_solve``."""
     tile = tl.atomic_add(COUNTER, 1)
     dblk = tile % N_DBLK
@@ -125,7 +135,7 @@ def fwd_panel_solve(G, F, S, R, LSE, PANEL, DIAG, STM, FLAGS, COUNTER, T, B, W, 
         _wait(flag_ptr + c * N_DBLK)
         sv = tl.load(s_ptr + offs_n[:, None] * D + offs_d[None, :], mask=dmask[None, :],
                      other=0.0, cache_modifier=".cg")
-        acc += tl.exp2(m - lse)[:, None] * tl.dot(p.to(sv.dtype), sv)
+        acc += tl.exp2(m - lse)[:, None] * tl.dot(p, sv.to(p.dtype))
 
     # The chunk itself: float32 strict-lower tile, normalised to alpha.
     m = tl.load(st_row + r, mask=rmask, other=float("-inf"))
@@ -137,7 +147,7 @@ def fwd_panel_solve(G, F, S, R, LSE, PANEL, DIAG, STM, FLAGS, COUNTER, T, B, W, 
     io_off = offs_m[:, None] * D + offs_d[None, :]
     f = tl.load(F + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32)
     x = _unit_lower_solve(p * g[:, None], f + g[:, None] * acc, LOG2_BM, PREC)
-    tl.store(s_ptr + io_off, x.to(S.dtype.element_ty), mask=io_mask)
+    x = _store_solved(s_ptr + io_off, x, io_mask, FROM_STORED)
     rr = acc + tl.dot(p, x, input_precision=PREC)
     tl.store(R + b * T * D + io_off, rr, mask=io_mask)
     tl.debug_barrier()
@@ -177,7 +187,8 @@ def bwd_panel_scores(Q, K, LSE, PANEL, DIAG, T, W, T_PAD, c_lo, scale_log2,
 @triton.jit
 def bwd_panel_solve(G, DS, U, R, DG, PANEL, DIAG, FLAGS, COUNTER, T, B, W, T_PAD, n_chunks,
                     c_lo, c_hi, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
+                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
+                    FROM_STORED: tl.constexpr):
     """Ordered tile queue in reverse time over the column chunks [c_lo, c_hi) of the
     super-chunk, as ``bwd_solve``."""
     tile = tl.atomic_add(COUNTER, 1)
@@ -206,18 +217,10 @@ def bwd_panel_solve(G, DS, U, R, DG, PANEL, DIAG, FLAGS, COUNTER, T, B, W, T_PAD
         _wait(flag_ptr + r * N_DBLK)
         u = tl.load(u_ptr + offs_m[:, None] * D + offs_d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
-        w = (u.to(tl.float32) * g[:, None]).to(u.dtype)
-        acc = tl.dot(tl.trans(p.to(u.dtype)), w, acc)
+        w = (u.to(tl.float32) * g[:, None]).to(p.dtype)
+        acc = tl.dot(tl.trans(p), w, acc)
 
     p = tl.load(DIAG + b * T_PAD * BM + offs_n[:, None] * BM + ar[None, :],
                 mask=nmask[:, None], other=0.0)
-    g = tl.load(G + b * T + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    io_mask = nmask[:, None] & dmask[None, :]
-    io_off = offs_n[:, None] * D + offs_d[None, :]
-    rhs = tl.load(DS + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32) + acc
-    u = _unit_lower_solve(tl.trans(p * g[:, None]), rhs, LOG2_BM, PREC)
-    tl.store(u_ptr + io_off, u.to(U.dtype.element_ty), mask=io_mask)
-    rr = tl.load(R + b * T * D + io_off, mask=io_mask, other=0.0)
-    tl.atomic_add(DG + b * T + offs_n, tl.sum(u * rr, 1), mask=nmask)
-    tl.debug_barrier()
-    tl.atomic_xchg(flag_ptr + c * N_DBLK, 1, sem="release")
+    _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag_ptr + c * N_DBLK, b, T, offs_n, nmask,
+                      offs_d, dmask, D, LOG2_BM, PREC, FROM_STORED)

@@ -9,10 +9,17 @@ into splits, each program streams its split's keys once (scores to a small float
 online max and sum) and then its values once, one channel block at a time; a second small
 kernel merges the splits' (max, sum, partial output) and adds f_t. A plain PyTorch fallback
 (float32) runs everywhere else.
+
+The Triton path is CUDA-graph capturable: no host synchronisation, no ``.item()``, the device
+query is cached (``_sm_count``), and the scratch buffers (allocated per call, from the graph's
+pool while capturing) have shapes fixed by (B, P, Dk, D). A captured step replays with the
+context length P of its capture; it reads q_b_t, gamma_t, f_t and the caches from the
+addresses it was captured with (``kernels/benchmarks/bench_sessa_layer.py``, ``bench_decode``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,6 +36,13 @@ def feedback_decode_torch(q_b_t: Tensor, gamma_t: Tensor, f_t: Tensor, K_b: Tens
     return (f_t.to(dt) + gamma_t.to(dt).unsqueeze(-1) * read).to(f_t.dtype)
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index``, asked once per device: the decode
+    step makes no device query per call (it must be capturable in a CUDA graph)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _decode_triton(q: Tensor, g: Tensor, f: Tensor, K: Tensor, S: Tensor, scale: float
                    ) -> Tensor:
     from sessa_kernels import _decode_kernels as kern
@@ -36,7 +50,7 @@ def _decode_triton(q: Tensor, g: Tensor, f: Tensor, K: Tensor, S: Tensor, scale:
     B, P, DK = K.shape
     D = S.shape[-1]
     BN = 64
-    n_sm = torch.cuda.get_device_properties(f.device).multi_processor_count if f.is_cuda else 4
+    n_sm = _sm_count(f.device.index) if f.is_cuda else 4
     n_blocks = math.ceil(P / BN)
     n_split = max(1, min(n_blocks, math.ceil(2 * n_sm / B)))
     per_split = math.ceil(n_blocks / n_split) * BN

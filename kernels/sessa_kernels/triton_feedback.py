@@ -8,13 +8,18 @@ normaliser over the strict past, gamma and the blocked solve are one kernel
 gives dgamma) and one softmax-backward kernel launched for dq and for dk. Operands of the
 matrix products are in the input dtype (bf16 in training), accumulation and the in-chunk
 solves in float32. Saved for backward: q_b, k_b, gamma, s and, in float32, the row log-sum-exp
-(B, T) and r = alpha @ s (B, T, D): O(T D) memory.
+(B, T) and r = alpha @ s (B, T, D): O(T D) memory. r and dgamma are computed from s and u as
+stored (rounded to the input dtype), the values the dq/dk kernel reads (``from_stored``,
+``SESSA_FROM_STORED``, default on).
 
-Two variants of the forward and adjoint solves: "queue" (default; ``_fb_kernels``, the score
-tile recomputed by every channel-block program) and "panel" (``SESSA_SOLVE=panel`` or
-``solve="panel"``; ``_fb_panel_kernels``: scores once per super-chunk of W rows into a scratch
-panel of B x W x T_pad elements, O(W T) and at most ``SESSA_PANEL_MIB`` MiB, see
-``panel_width``; never T x T unless that fits the budget). Same outputs and gradients.
+Two variants of the forward and adjoint solves, with the same outputs and gradients:
+"panel" (default; ``_fb_panel_kernels``: the scores once per super-chunk of W rows into a
+scratch panel of B x W x T_pad elements, O(W T) and at most ``SESSA_PANEL_MIB`` MiB, see
+``panel_width``; never T x T unless that fits the budget; tiles in the input dtype or, with
+``SESSA_PANEL_SCRATCH=fp32``, in float32) and "queue" (``SESSA_SOLVE=queue`` or
+``solve="queue"``; ``_fb_kernels``: the score tile recomputed by every channel-block program,
+no scratch). On the H200 the panel layer takes 0.73-0.98x the queue layer's time
+(BENCHMARKS.md).
 
 Triton is imported lazily, so ``import sessa_kernels`` works without it. On a machine without
 CUDA the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -67,26 +73,45 @@ def panel_width(B: int, T: int, block_m: int, elem_bytes: int,
     return min(w, t_pad)
 
 
-def _panel_geometry(q, values, bm, bd, panel_rows):
+class _Cfg(NamedTuple):
+    """Settings of one feedback_triton call, shared by its forward and backward."""
+    scale: float
+    block_m: int
+    block_d: int
+    prec: str                      # input_precision of the float32 in-chunk products
+    solve: str                     # "queue" or "panel"
+    panel_rows: int | None         # W of the panel solves (None: from SESSA_PANEL_MIB)
+    panel_dtype: torch.dtype       # element type of the off-diagonal panel scratch
+    from_stored: bool              # r and dgamma from the stored (rounded) s and u
+
+    def kernel_args(self) -> dict:
+        bm = self.block_m
+        return {"BM": bm, "BD": self.block_d, "LOG2_BM": int(math.log2(bm)), "PREC": self.prec,
+                "FROM_STORED": self.from_stored,
+                "num_warps": 8 if self.block_d >= 256 else 4}
+
+
+def _panel_geometry(q, values, cfg: _Cfg):
     """Sizes shared by both panel solves: (B, T, Dk, D, chunks, padded T, channel blocks, W,
     chunks per super-chunk)."""
     B, T, DK = q.shape
     D = values.shape[-1]
+    bm = cfg.block_m
     nc = math.ceil(T / bm)
-    W = panel_width(B, T, bm, q.element_size(), panel_rows)
-    return B, T, DK, D, nc, nc * bm, math.ceil(D / bd), W, W // bm
+    W = panel_width(B, T, bm, cfg.panel_dtype.itemsize, cfg.panel_rows)
+    return B, T, DK, D, nc, nc * bm, math.ceil(D / cfg.block_d), W, W // bm
 
 
-def _fwd_panel(q, k, g, f, s, r, lse, flags, scale, bm, bd, prec, panel_rows):
+def _fwd_panel(q, k, g, f, s, r, lse, flags, cfg: _Cfg):
     """Forward solve by super-chunks of W rows (``_fb_panel_kernels``): per super-chunk the
     P tiles against all past columns once (parallel), the row lse, then the ordered queue.
-    Scratch: panel B x W x T_pad (input dtype) + tile stats 2 x B x W x T_pad/bm (fp32) +
-    diagonal tiles B x T_pad x bm (fp32): O(W T), never T x T unless W = T fits the budget."""
+    Scratch: panel B x W x T_pad (``cfg.panel_dtype``) + tile stats 2 x B x W x T_pad/bm (fp32)
+    + diagonal tiles B x T_pad x bm (fp32): O(W T), never T x T unless W = T fits the budget."""
     from sessa_kernels import _fb_panel_kernels as pk
 
-    B, T, DK, D, nc, t_pad, n_dblk, W, nw = _panel_geometry(q, f, bm, bd, panel_rows)
-    dev = q.device
-    panel = torch.empty(B, W, t_pad, dtype=q.dtype, device=dev)
+    B, T, DK, D, nc, t_pad, n_dblk, W, nw = _panel_geometry(q, f, cfg)
+    bm, dev = cfg.block_m, q.device
+    panel = torch.empty(B, W, t_pad, dtype=cfg.panel_dtype, device=dev)
     stm = torch.empty(B, W, nc, dtype=torch.float32, device=dev)
     stl = torch.empty(B, W, nc, dtype=torch.float32, device=dev)
     diag = torch.empty(B, t_pad, bm, dtype=torch.float32, device=dev)
@@ -94,65 +119,61 @@ def _fwd_panel(q, k, g, f, s, r, lse, flags, scale, bm, bd, prec, panel_rows):
     for j, r0 in enumerate(range(0, nc, nw)):
         n_local = min(nw, nc - r0)
         pk.fwd_panel_scores[(n_local, r0 + n_local, B)](
-            q, k, panel, diag, stm, stl, T, W, t_pad, nc, r0, scale * LOG2E,
+            q, k, panel, diag, stm, stl, T, W, t_pad, nc, r0, cfg.scale * LOG2E,
             DK=DK, BM=bm, BK=_bk(DK), num_warps=4)
         pk.fwd_panel_lse[(n_local, B)](stm, stl, lse, T, W, nc, r0, BM=bm, BC=64, num_warps=4)
         pk.fwd_panel_solve[(n_local * B * n_dblk,)](
             g, f, s, r, lse, panel, diag, stm, flags, counters[j:], T, B, W, t_pad, nc, r0,
-            n_local, D=D, BM=bm, BD=bd, N_DBLK=n_dblk, LOG2_BM=int(math.log2(bm)), PREC=prec,
-            num_warps=8 if bd >= 256 else 4)
+            n_local, D=D, N_DBLK=n_dblk, **cfg.kernel_args())
 
 
-def _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, scale, bm, bd, prec, panel_rows):
+def _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, cfg: _Cfg):
     """Adjoint solve by super-chunks of W columns in reverse time: per super-chunk alpha of all
     later rows against its columns once (parallel, from the saved lse), then the ordered
-    queue. Scratch: panel B x T_pad x W (input dtype) + diagonal tiles B x T_pad x bm (fp32)."""
+    queue. Scratch: panel B x T_pad x W (``cfg.panel_dtype``) + diagonal tiles B x T_pad x bm
+    (fp32)."""
     from sessa_kernels import _fb_panel_kernels as pk
 
-    B, T, DK, D, nc, t_pad, n_dblk, W, nw = _panel_geometry(q, u, bm, bd, panel_rows)
-    dev = q.device
-    panel = torch.empty(B, t_pad, W, dtype=q.dtype, device=dev)
+    B, T, DK, D, nc, t_pad, n_dblk, W, nw = _panel_geometry(q, u, cfg)
+    bm, dev = cfg.block_m, q.device
+    panel = torch.empty(B, t_pad, W, dtype=cfg.panel_dtype, device=dev)
     diag = torch.empty(B, t_pad, bm, dtype=torch.float32, device=dev)
     counters = torch.zeros(math.ceil(nc / nw), dtype=torch.int32, device=dev)
     for j, c_hi in enumerate(range(nc, 0, -nw)):
         c_lo = max(0, c_hi - nw)
         pk.bwd_panel_scores[(nc - c_lo, c_hi - c_lo, B)](
-            q, k, lse, panel, diag, T, W, t_pad, c_lo, scale * LOG2E,
+            q, k, lse, panel, diag, T, W, t_pad, c_lo, cfg.scale * LOG2E,
             DK=DK, BM=bm, BK=_bk(DK), num_warps=4)
         pk.bwd_panel_solve[((c_hi - c_lo) * B * n_dblk,)](
             g, ds, u, r, dg, panel, diag, flags, counters[j:], T, B, W, t_pad, nc, c_lo, c_hi,
-            D=D, BM=bm, BD=bd, N_DBLK=n_dblk, LOG2_BM=int(math.log2(bm)), PREC=prec,
-            num_warps=8 if bd >= 256 else 4)
+            D=D, N_DBLK=n_dblk, **cfg.kernel_args())
 
 
 class _FeedbackTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float,
-                block_m: int, block_d: int, prec: str, solve: str, panel_rows: int | None
-                ) -> Tensor:
+    def forward(ctx, q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, cfg: _Cfg) -> Tensor:
         from sessa_kernels import _fb_kernels as kern
 
         q, k, g, fc = (x.contiguous() for x in (q_b, k_b, gamma, f))
         B, T, DK = q.shape
         D = f.shape[-1]
+        block_m = cfg.block_m
         n_chunks = math.ceil(T / block_m)
-        n_dblk = math.ceil(D / block_d)
+        n_dblk = math.ceil(D / cfg.block_d)
         dev = f.device
         s = torch.empty_like(fc)
         r = torch.empty(B, T, D, dtype=torch.float32, device=dev)
         lse = torch.empty(B, T, dtype=torch.float32, device=dev)
         flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
-        if solve == "panel":
-            _fwd_panel(q, k, g, fc, s, r, lse, flags, scale, block_m, block_d, prec, panel_rows)
+        if cfg.solve == "panel":
+            _fwd_panel(q, k, g, fc, s, r, lse, flags, cfg)
         else:
             counter = torch.zeros(1, dtype=torch.int32, device=dev)
             kern.fwd_solve[(n_chunks * B * n_dblk,)](
-                q, k, g, fc, s, r, lse, flags, counter, T, B, n_chunks, scale * LOG2E,
-                DK=DK, D=D, BM=block_m, BK=_bk(DK), BD=block_d,
-                N_DBLK=n_dblk, LOG2_BM=int(math.log2(block_m)), PREC=prec,
-                num_warps=8 if block_d >= 256 else 4)
+                q, k, g, fc, s, r, lse, flags, counter, T, B, n_chunks, cfg.scale * LOG2E,
+                DK=DK, D=D, BK=_bk(DK), N_DBLK=n_dblk, **cfg.kernel_args())
         ctx.save_for_backward(q, k, g, s, lse, r)
-        ctx.cfg = (scale, block_m, block_d, prec, solve, panel_rows)
+        ctx.cfg = cfg
         return s
 
     @staticmethod
@@ -160,27 +181,25 @@ class _FeedbackTriton(torch.autograd.Function):
         from sessa_kernels import _fb_kernels as kern
 
         q, k, g, s, lse, r = ctx.saved_tensors
-        scale, block_m, block_d, prec, solve, panel_rows = ctx.cfg
+        cfg = ctx.cfg
+        scale, block_m = cfg.scale, cfg.block_m
         B, T, DK = q.shape
         D = s.shape[-1]
         n_chunks = math.ceil(T / block_m)
-        n_dblk = math.ceil(D / block_d)
+        n_dblk = math.ceil(D / cfg.block_d)
         dev = s.device
         ds = ds.contiguous()
         u = torch.empty_like(s)
         dg = torch.zeros(B, T, dtype=torch.float32, device=dev)
         flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
         bk = _bk(DK)
-        if solve == "panel":
-            _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, scale, block_m, block_d, prec,
-                       panel_rows)
+        if cfg.solve == "panel":
+            _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, cfg)
         else:
             counter = torch.zeros(1, dtype=torch.int32, device=dev)
             kern.bwd_solve[(n_chunks * B * n_dblk,)](
                 q, k, g, ds, u, r, lse, dg, flags, counter, T, B, n_chunks, scale * LOG2E,
-                DK=DK, D=D, BM=block_m, BK=bk, BD=block_d, N_DBLK=n_dblk,
-                LOG2_BM=int(math.log2(block_m)), PREC=prec,
-                num_warps=8 if block_d >= 256 else 4)
+                DK=DK, D=D, BK=bk, N_DBLK=n_dblk, **cfg.kernel_args())
         bkd = min(64, max(16, triton_next_pow2(D)))
         if os.environ.get("SESSA_DQDK", "pairs") == "pairs":
             dq = torch.zeros(B, T, DK, dtype=torch.float32, device=dev)
@@ -198,14 +217,15 @@ class _FeedbackTriton(torch.autograd.Function):
                 kern.bwd_dqdk[grid](q, k, g, u, s, lse, dg, out, T, n_chunks, scale * LOG2E,
                                     scale, DK=DK, D=D, BM=block_m, BK=min(bk, bkd), BKO=bko,
                                     FOR_DQ=for_dq, num_warps=4)
-        return (dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u, None, None, None, None,
-                None, None)
+        return dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u, None
 
 
 def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
                     scale: float | None = None, block_m: int | None = None,
                     block_d: int | None = None, precision: str = "tf32",
-                    solve: str | None = None, panel_rows: int | None = None) -> Tensor:
+                    solve: str | None = None, panel_rows: int | None = None,
+                    panel_scratch: str | None = None, from_stored: bool | None = None
+                    ) -> Tensor:
     """Fused feedback solve; returns ``s`` with the shape and dtype of ``f``.
 
     Differentiable w.r.t. q_b, k_b, gamma and f. Inputs must be CUDA tensors (or CPU tensors
@@ -214,9 +234,18 @@ def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
     ``block_d`` (channels per program) and ``precision`` (Triton ``input_precision`` of the
     float32 in-chunk products: "tf32", "tf32x3" or "ieee") are tuning knobs.
 
-    ``solve`` picks the forward / adjoint solve kernels: "queue" (default; scores recomputed
-    per channel block) or "panel" (scores once per super-chunk of ``panel_rows`` rows into an
-    O(W T) scratch, see ``panel_width``); None reads ``SESSA_SOLVE`` (default "queue").
+    ``solve`` picks the forward / adjoint solve kernels: "panel" (default; scores once per
+    super-chunk of ``panel_rows`` rows into an O(W T) scratch, see ``panel_width``) or "queue"
+    (scores recomputed per channel block, no scratch); None reads ``SESSA_SOLVE`` (default
+    "panel").
+    ``panel_scratch``: element type of the panel's off-diagonal tiles, "input" (the input
+    dtype, bf16 in training) or "fp32" (then the past products run in tf32 on float32 tiles;
+    twice the bytes, so W halves for the same ``SESSA_PANEL_MIB``); None reads
+    ``SESSA_PANEL_SCRATCH`` (default "input", see kernels/NOTES.md).
+    ``from_stored``: r = alpha @ s (forward) and dgamma = <u, r> (adjoint) from s and u as
+    stored in the input dtype, the values the dq/dk kernel reads, rather than from the float32
+    solutions before rounding (keeps the dlogit rows consistent: about 3x smaller dq/dk error
+    with bf16 under sharp routing); None reads ``SESSA_FROM_STORED`` (default 1).
     """
     check_feedback_inputs(q_b, k_b, gamma, f)
     if not (f.is_cuda or _interpreting()):
@@ -232,15 +261,21 @@ def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
         raise ValueError(f"block_m must be a power of two >= 16, got {bm}")
     if precision not in ("tf32", "tf32x3", "ieee"):
         raise ValueError(f"precision must be tf32, tf32x3 or ieee, got {precision!r}")
-    solve = solve or os.environ.get("SESSA_SOLVE", "queue")
+    solve = solve or os.environ.get("SESSA_SOLVE", "panel")
     if solve not in ("queue", "panel"):
         raise ValueError(f"solve (or SESSA_SOLVE) must be queue or panel, got {solve!r}")
-    if f.dtype == torch.float64:
-        args = [x.float() for x in (q_b, k_b, gamma, f)]
-        return _FeedbackTriton.apply(*args, scale, bm, bd, precision, solve,
-                                    panel_rows).double()
-    dt = f.dtype
+    panel_scratch = panel_scratch or os.environ.get("SESSA_PANEL_SCRATCH", "input")
+    if panel_scratch not in ("input", "fp32"):
+        raise ValueError("panel_scratch (or SESSA_PANEL_SCRATCH) must be input or fp32, got "
+                         f"{panel_scratch!r}")
+    if from_stored is None:
+        from_stored = os.environ.get("SESSA_FROM_STORED", "1") != "0"
+    dt = torch.float32 if f.dtype == torch.float64 else f.dtype
     if dt not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {dt}")
-    return _FeedbackTriton.apply(q_b.to(dt), k_b.to(dt), gamma, f, scale, bm, bd, precision,
-                                solve, panel_rows)
+    cfg = _Cfg(scale, bm, bd, precision, solve, panel_rows,
+               torch.float32 if panel_scratch == "fp32" else dt, bool(from_stored))
+    if f.dtype == torch.float64:
+        args = [x.float() for x in (q_b, k_b, gamma, f)]
+        return _FeedbackTriton.apply(*args, cfg).double()
+    return _FeedbackTriton.apply(q_b.to(dt), k_b.to(dt), gamma, f, cfg)

@@ -1,5 +1,5 @@
-"""The panel variant of the Triton solves (``solve="panel"``, ``SESSA_SOLVE=panel``) on tiny
-shapes: against the float64 dense reference and against the default queue solves. Without
+"""The panel variant of the Triton solves (the default; ``solve="panel"``) on tiny shapes:
+against the float64 dense reference and against the queue solves (``SESSA_SOLVE=queue``). Without
 CUDA the kernels run under Triton's interpreter; with CUDA, on the GPU."""
 
 from __future__ import annotations
@@ -38,15 +38,57 @@ def test_panel_tiny_matches_dense(T: int, routing: str) -> None:
         assert rel_err(x, r) < TOL, name
 
 
+def _fp16_errors(**kw) -> dict[str, float]:
+    """Relative errors against float64 of the solve on float16 inputs (the interpreter's dot
+    does not take bfloat16; float16 rounds s, u and the panel tiles the same way, 8x finer):
+    sharp routing, 4 chunks of 16 rows, 2 super-chunks of 32, 6 channel blocks. In-chunk
+    products in full float32 ("ieee"; on the GPU tf32 would dominate float16's rounding)."""
+    q, k, g, f, ds = feedback_inputs(2, 63, 64, 96, routing="sharp", dtype=torch.float16,
+                                     device=DEV, seed=159)
+    ref = value_and_grads(feedback_dense, *(x.double() for x in (q, k, g, f, ds)))
+    out = value_and_grads(lambda *a: feedback_triton(*a, block_m=16, block_d=16, panel_rows=32,
+                                                     precision="ieee", **kw), q, k, g, f, ds)
+    return {n: rel_err(x, r) for n, x, r in zip(NAMES, out, ref, strict=True)}
+
+
+@pytest.mark.parametrize("scratch", ["input", "fp32"])
+def test_panel_scratch_precision_fp16(scratch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both panel scratch types (SESSA_PANEL_SCRATCH) with half-precision inputs: off-diagonal
+    tiles stored in float16 (products in float16) or float32 (products in tf32 / fp32), within
+    float16 accuracy of the reference and of the queue solves."""
+    monkeypatch.setenv("SESSA_PANEL_SCRATCH", scratch)
+    errs = _fp16_errors(solve="panel")
+    queue = _fp16_errors(solve="queue")
+    for name in NAMES:
+        assert errs[name] < 2e-3, (name, errs)
+        assert abs(errs[name] - queue[name]) < 0.25 * queue[name] + 1e-4, (name, errs, queue)
+
+
+@pytest.mark.parametrize("solve", ["queue", "panel"])
+def test_r_and_dgamma_from_stored_values(solve: str) -> None:
+    """r and dgamma from the rounded s and u (default) keep the dlogit rows consistent with the
+    stored values the dq/dk kernel reads: about half the dq/dk error under sharp routing
+    (kernels/NOTES.md, panel precision); SESSA_FROM_STORED=0 / from_stored=False is the old
+    float32 path."""
+    stored, fp32 = _fp16_errors(solve=solve), _fp16_errors(solve=solve, from_stored=False)
+    for name in NAMES:
+        assert max(stored[name], fp32[name]) < 2e-3, (name, stored, fp32)
+    gain = 0.7 if DEV == "cpu" else 0.9     # GPU: the dq/dk products add tf32 rounding
+    for name in ("dq_b", "dk_b"):
+        assert stored[name] < gain * fp32[name], (name, stored, fp32)
+
+
 @pytest.mark.parametrize("T", [65, 200])
 def test_panel_equals_queue_default_blocks(T: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Default blocks (64-row chunks), the switch by SESSA_SOLVE, one super-chunk (default
-    budget: W = T_pad) and W = 64 (one chunk per super-chunk): equal to the queue solves."""
+    """Default blocks (64-row chunks), the switch by SESSA_SOLVE (panel is the default), one
+    super-chunk (default budget: W = T_pad) and W = 64 (one chunk per super-chunk): equal to
+    the queue solves."""
     q, k, g, f, ds = feedback_inputs(1, T, 32, 40, routing="sharp", dtype=torch.float32,
                                      device=DEV, seed=T + 1)
     ref = value_and_grads(feedback_dense, *(x.double() for x in (q, k, g, f, ds)))
+    monkeypatch.setenv("SESSA_SOLVE", "queue")
     queue = value_and_grads(feedback_triton, q, k, g, f, ds)
-    monkeypatch.setenv("SESSA_SOLVE", "panel")
+    monkeypatch.delenv("SESSA_SOLVE")
     for rows in (None, 64):
         out = value_and_grads(lambda *a, rows=rows: feedback_triton(*a, panel_rows=rows),
                               q, k, g, f, ds)
@@ -66,6 +108,8 @@ def test_panel_float64_inputs_and_validation() -> None:
         assert rel_err(x, r) < TOL, name
     with pytest.raises(ValueError, match="solve"):
         feedback_triton(q, k, g, f, solve="flash")
+    with pytest.raises(ValueError, match="panel_scratch"):
+        feedback_triton(q, k, g, f, solve="panel", panel_scratch="fp8")
 
 
 def test_panel_width_bound(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,6 +121,7 @@ def test_panel_width_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     assert panel_width(1, 100, 64, 2) == 128            # T rounded up to the chunk
     assert panel_width(1, 1 << 24, 64, 2) == 64         # never below one chunk
     assert panel_width(1, 1000, 16, 4, panel_rows=40) == 32
+    assert panel_width(1, 32768, 64, 4) == 1984         # float32 scratch: about half
     monkeypatch.setenv("SESSA_PANEL_MIB", "64")
     assert panel_width(1, 32768, 64, 2) == 960
     for B, T in ((2, 8192), (1, 32768), (1, 131072)):

@@ -29,11 +29,18 @@ Batch = dict[str, torch.Tensor]
 
 
 def collate_indices(ds: TokenShardDataset, indices: np.ndarray,
-                    valid: np.ndarray | None = None) -> Batch:
-    """Stack samples into ``input_ids``, ``labels``, ``loss_mask`` and ``sample_ids``."""
+                    valid: np.ndarray | None = None, context_weight: float = 0.0) -> Batch:
+    """Stack samples into ``input_ids``, ``labels``, ``loss_mask`` and ``sample_ids``.
+
+    ``context_weight`` > 0 (task shards, training only): the non-padding positions outside the
+    answer mask become targets too, with this weight (an answer token weighs 1).
+    """
     tokens = np.stack([ds.tokens_numpy(int(i)) for i in indices]).astype(np.int64)
     if ds.has_mask:
         mask = np.stack([ds.mask_numpy(int(i)) for i in indices]).astype(np.float32)
+        if context_weight > 0:
+            context = (tokens[:, 1:] != ds.pad_id) & (mask == 0)
+            mask += np.float32(context_weight) * context
     else:
         mask = np.ones((len(indices), ds.seq_len), dtype=np.float32)
     ids = np.array([ds.sample_id(int(i)) for i in indices], dtype=np.int64)
@@ -49,13 +56,14 @@ class _TrainMicroBatches(Dataset):
     """Map-style view: item ``m`` is this rank's ``m``-th micro-batch."""
 
     def __init__(self, ds: TokenShardDataset, layout: BatchLayout, seed: int,
-                 shuffle: bool) -> None:
+                 shuffle: bool, context_weight: float) -> None:
         self.ds, self.layout, self.seed, self.shuffle = ds, layout, seed, shuffle
+        self.context_weight = context_weight
 
     def __getitem__(self, micro_step: int) -> Batch:
         positions = self.layout.micro_batch_positions(micro_step)
         indices = positions_to_indices(positions, self.seed, self.ds.num_samples, self.shuffle)
-        return collate_indices(self.ds, indices)
+        return collate_indices(self.ds, indices, context_weight=self.context_weight)
 
 
 class _CountFrom(Sampler[int]):
@@ -71,11 +79,11 @@ class TrainLoader:
 
     def __init__(self, ds: TokenShardDataset, layout: BatchLayout, seed: int, start_cursor: int,
                  num_workers: int, prefetch_factor: int, shuffle: bool,
-                 pin_memory: bool) -> None:
+                 pin_memory: bool, context_weight: float = 0.0) -> None:
         self.ds, self.layout, self.seed = ds, layout, seed
         self.start_cursor = start_cursor
         self.cursor = start_cursor
-        self._micro = _TrainMicroBatches(ds, layout, seed, shuffle)
+        self._micro = _TrainMicroBatches(ds, layout, seed, shuffle, context_weight)
         self.num_workers, self.prefetch_factor, self.pin_memory = (
             num_workers, prefetch_factor, pin_memory)
 
@@ -103,15 +111,23 @@ class TrainLoader:
 def build_train_loader(ds: TokenShardDataset, seed: int, global_batch_size: int,
                        micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                        start_cursor: int | DataCursor = 0, num_workers: int = 0, prefetch_factor: int = 4,
-                       shuffle: bool = True, pin_memory: bool = False) -> TrainLoader:
+                       shuffle: bool = True, pin_memory: bool = False,
+                       context_weight: float = 0.0) -> TrainLoader:
     """The infinite, resumable training loader of one data-parallel rank.
 
     ``start_cursor`` is a saved ``loader.cursor``: a multiple of ``global_batch_size``. Resuming
     with another ``dp_size`` (same G) gives every sample the same step it would have had.
-    A :class:`DataCursor` is also accepted; its seed and G must match.
+    A :class:`DataCursor` is also accepted; its seed and G must match. ``context_weight``: see
+    :func:`collate_indices`.
     """
     if ds.num_samples == 0:
         raise ValueError(f"{ds!r} has no samples to train on")
+    if context_weight < 0:
+        raise ValueError(f"context_weight must be >= 0, got {context_weight}")
+    if context_weight > 0 and (not ds.has_mask or ds.pad_id is None):
+        raise ValueError(f"context_weight={context_weight} needs task shards (a loss mask and a "
+                         f"pad id); {ds!r} has none: every token of text shards is already a "
+                         "target, so leave data.context_loss_weight at 0")
     if isinstance(start_cursor, DataCursor):
         start_cursor.check_compatible(seed, global_batch_size)
         start_cursor = start_cursor.samples
@@ -125,7 +141,7 @@ def build_train_loader(ds: TokenShardDataset, seed: int, global_batch_size: int,
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     return TrainLoader(ds, layout, seed, start_cursor, num_workers, prefetch_factor, shuffle,
-                       pin_memory)
+                       pin_memory, context_weight)
 
 
 class EvalLoader:

@@ -337,7 +337,8 @@ class Trainer:
                                     micro_batch_size=c.train.micro_batch_size,
                                     dp_rank=lay.dp_rank, dp_size=lay.dp,
                                     start_cursor=self.step * c.train.global_batch_size,
-                                    num_workers=c.data.num_workers)
+                                    num_workers=c.data.num_workers,
+                                    context_weight=c.data.context_loss_weight)
         batches = iter(loader)
         tokens_per_step = c.train.global_batch_size * c.data.seq_len
         peak = peak_tflops(c)

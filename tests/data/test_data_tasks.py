@@ -45,6 +45,18 @@ def test_symbolsoup_balanced_in_range_and_masked(tmp_path: Path) -> None:
     loader = build_train_loader(ds, seed=0, global_batch_size=4, micro_batch_size=4)
     batch = next(iter(loader))
     assert batch["loss_mask"].sum() == 4
+    # data.context_loss_weight: every real (non-padding) next token becomes a target with that
+    # weight, the class token keeps weight 1, padding stays out.
+    weighted = next(iter(build_train_loader(ds, seed=0, global_batch_size=4, micro_batch_size=4,
+                                            context_weight=0.25)))
+    assert (weighted["input_ids"] == batch["input_ids"]).all()
+    for row, answer in zip(weighted["loss_mask"], batch["loss_mask"], strict=True):
+        length = int(answer.nonzero()[0, 0]) + 1  # tokens up to <label>, then the class token
+        assert row[answer > 0].tolist() == [1.0]
+        assert row[:length - 1].eq(0.25).all() and row[length:].eq(0).all()
+    with pytest.raises(ValueError, match="context_weight must be >= 0"):
+        build_train_loader(ds, seed=0, global_batch_size=4, micro_batch_size=4,
+                           context_weight=-1.0)
     again = tmp_path / "again"
     main(["symbolsoup", "--out", str(again), "--min-len", "100", "--max-len", "160",
           "--train", "100", "--valid", "0", "--test", "0", "--seed", "3"])
