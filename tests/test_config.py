@@ -29,6 +29,7 @@ def cfg(*overrides):
     (["train.global_batch_size=10", "train.micro_batch_size=4"], 1, False, "multiple of"),
     (["model.mixer=mamba2", "parallel.tp=2"], 2, False, "model.mamba2.n_groups=2"),
     (["model.sessa.impl=triton"], 1, False, "impl=chunked on CPU"),
+    (["data.context_loss_weight=-0.5"], 1, False, "loss on the answer tokens only"),
 ])
 def test_invalid_layouts_are_rejected(overrides, world, cuda, message):
     errors = validate(cfg(*overrides), world, cuda)
