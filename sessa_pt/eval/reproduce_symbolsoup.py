@@ -1,10 +1,11 @@
-"""SymbolSoup reproduction (the paper's Table 1, first column) on one GPU:
-``python -m sessa_pt.eval.reproduce_symbolsoup [--length 600|2048] [--out DIR]``.
+"""SymbolSoup reproduction (the paper's Table 1, first column) on one or more GPUs:
+``python -m sessa_pt.eval.reproduce_symbolsoup [--length 600|2048] [--out DIR]
+[--gpus 0,1,2 --runs-per-gpu 2] [key=value overrides]``.
 
 Steps, each printed and recorded with its exact command:
 
-1. generate the task shards (``sessa-data symbolsoup``; 20000/2000/2000 examples, seed 0) unless
-   they exist;
+1. generate the task shards (``sessa-data symbolsoup``, seed 0: steps x global batch fresh
+   training examples, so each is seen once, and 2000/2000 valid/test) unless they exist;
 2. train Sessa, Transformer and Mamba2 (``recipes/symbolsoup[2048]/{sessa,transformer,
    mamba2}.yaml``: the paper's gated block, non-embedding parameters matched within 2%) for each
    seed (default 1 and 2), one process each, all logging to one mlflow store in ``--out``;
@@ -16,10 +17,10 @@ Steps, each printed and recorded with its exact command:
    the per-length breakdown, run times and every command) and the comparison report
    (``python -m sessa_pt.eval.report``).
 
-Budget (600 tokens): 6 runs x 1500 steps x 32 sequences; sized for about 30 minutes of one
-H200 in total. ``--smoke`` runs the whole pipeline on CPU in about a minute (tiny shards of
-64-100 tokens, 2 steps per run, chunked Sessa feedback) to check it end to end. ``--dry-run``
-prints the commands only.
+Budget: the recipes' (600 tokens: 3000 steps x 128 sequences, AdamW lr 5e-4). On H200s the six
+runs took 4.8-7.2 minutes each, two per GPU (RESULTS.md). ``--smoke`` runs the whole pipeline
+on CPU in about a minute (tiny shards of 64-100 tokens, 2 steps per run, chunked Sessa
+feedback) to check it end to end. ``--dry-run`` prints the commands only.
 """
 
 from __future__ import annotations
