@@ -73,6 +73,13 @@ def test_symbolsoup_styles_differ_by_class() -> None:
     primaries = [c for c, w in left[0].weights.items() if w == 3.0]
     others = [c for c, w in left[0].weights.items() if w == 1.0]
     assert min(counts[c] for c in primaries) > max(counts[c] for c in others)
+    # The authors' rules: the 4 primaries in a cycle and each to itself, each secondary to
+    # itself only, and primary i <-> secondary i: 20 preferred bigrams, no secondary pair.
+    for style in (*left, *right):
+        secondaries = {c for c, w in style.weights.items() if w == 2.0}
+        assert len(style.preferred) == 20
+        assert {(a, b) for a, b in style.preferred if a in secondaries and b in secondaries} \
+            == {(c, c) for c in secondaries}
 
 
 def test_mqar_zoology_answers_recoverable(tmp_path: Path) -> None:
