@@ -17,6 +17,13 @@ Steps, each printed and recorded with its exact command:
    the per-length breakdown, run times and every command) and the comparison report
    (``python -m sessa_pt.eval.report``).
 
+``--setting NAME:OVERRIDES`` (repeatable) turns it into a sweep: every variant and seed is
+trained once per setting (runs under ``<out>/runs/NAME/``, mlflow run name
+``<family>-<variant>-NAME``), all runs sharing the ``--gpus`` slots, and RESULTS.md gets a row
+per setting and model. E.g. a learning-rate sweep:
+``--setting 'lr5e-4:optim.lr=5e-4 optim.min_lr=5e-5' --setting 'lr2e-3:optim.lr=2e-3
+optim.min_lr=2e-4'``.
+
 Budget: the recipes' (600 tokens: 3000 steps x 128 sequences, AdamW lr 5e-4). On H200s the six
 runs took 4.8-7.2 minutes each, two per GPU (RESULTS.md). ``--smoke`` runs the whole pipeline
 on CPU in about a minute (tiny shards of 64-100 tokens, 2 steps per run, chunked Sessa
@@ -77,8 +84,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU check of the whole pipeline: tiny shards, 2 steps per run")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--results", help="RESULTS.md path (default <out>/RESULTS.md)")
-    p.add_argument("extra", nargs="*", help="extra key=value training overrides")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME:OVERRIDES",
+                   help="a sweep: train every variant and seed once per setting, with the "
+                        "setting's space-separated key=value overrides (repeatable), e.g. "
+                        "--setting 'lr5e-4:optim.lr=5e-4 optim.min_lr=5e-5' --setting "
+                        "'lr2e-3:optim.lr=2e-3'; all runs share the slots of --gpus")
+    p.add_argument("extra", nargs="*", help="extra key=value training overrides (every run)")
     return p
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One point of a sweep: a name (run directories, mlflow run names, tables) and the
+    training overrides that define it. The unnamed setting is the plain reproduction."""
+    name: str
+    overrides: tuple[str, ...] = ()
+
+
+def parse_settings(specs: list[str]) -> list[Setting]:
+    """``NAME:key=value key=value`` specs; no spec gives the one unnamed setting."""
+    if not specs:
+        return [Setting("")]
+    out: list[Setting] = []
+    for spec in specs:
+        name, sep, rest = spec.partition(":")
+        name, overrides = name.strip(), tuple(rest.split())
+        if not sep or not name or not all(c.isalnum() or c in "._-" for c in name):
+            raise SystemExit(f"--setting {spec!r}: write NAME:key=value ..., with a NAME of "
+                             "letters, digits, '.', '_' or '-'")
+        if bad := [o for o in overrides if "=" not in o]:
+            raise SystemExit(f"--setting {spec!r}: {bad[0]!r} is not a key=value override")
+        if name in {x.name for x in out}:
+            raise SystemExit(f"--setting {name!r} is given twice: names must differ")
+        out.append(Setting(name, overrides))
+    return out
 
 
 class Runner:
@@ -258,16 +297,25 @@ def main(argv: list[str] | None = None) -> int:
     common += args.extra
     runs: list[dict[str, Any]] = []
     jobs: list[Job] = []
-    for variant in variants:
-        for seed in seeds:
-            run_dir = out / "runs" / f"{variant}-seed{seed}"
-            recipe = f"recipes/{family}/{variant}.yaml"
-            launch = [py, "-m", "sessa_pt.train"] if args.nproc == 1 else \
-                [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                 str(args.nproc), "-m", "sessa_pt.train"]
-            cmd = [*launch, recipe, f"run.seed={seed}", f"run.dir={run_dir}", *common]
-            runs.append({"variant": variant, "seed": seed, "run_dir": run_dir})
-            jobs.append(Job(cmd, run_dir / "STOP", out / "logs" / f"train-{variant}-seed{seed}.log"))
+    launch = [py, "-m", "sessa_pt.train"] if args.nproc == 1 else \
+        [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+         str(args.nproc), "-m", "sessa_pt.train"]
+    for setting in parse_settings(args.setting):
+        for variant in variants:
+            for seed in seeds:
+                # A named setting gets its own directory level and mlflow run name, so the
+                # report groups its runs apart from the other settings'.
+                key = f"{setting.name}/{variant}-seed{seed}" if setting.name \
+                    else f"{variant}-seed{seed}"
+                run_dir = out / "runs" / key
+                recipe = f"recipes/{family}/{variant}.yaml"
+                named = [f"run.name={family}-{variant}-{setting.name}"] if setting.name else []
+                cmd = [*launch, recipe, f"run.seed={seed}", f"run.dir={run_dir}", *common,
+                       *setting.overrides, *named]
+                runs.append({"variant": variant, "seed": seed, "run_dir": run_dir,
+                             "setting": setting.name, "key": key})
+                jobs.append(Job(cmd, run_dir / "STOP",
+                                out / "logs" / f"train-{key.replace('/', '-')}.log"))
     if len(runner.slots) > 1 and not args.dry_run:
         ensure_experiment(uri, family)
     for r, (code, secs, stopped) in zip(runs, runner.run_all(jobs, env,
@@ -275,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         r.update(code=code, seconds=secs, stopped=stopped,
                  summary=read_json(r["run_dir"] / "summary.json"))
         if code:
-            print(f"[reproduce] training {r['variant']} seed {r['seed']} failed (exit {code})",
-                  flush=True)
+            print(f"[reproduce] training {r['key']} failed (exit {code})", flush=True)
 
     # 3. evaluation on the test split
     evaluated, jobs = [], []
@@ -284,14 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         if r["code"] and not args.dry_run:
             r["eval"] = {}
             continue
-        r["eval_json"] = out / "eval" / f"{r['variant']}-seed{r['seed']}.json"
+        r["eval_json"] = out / "eval" / f"{r['key']}.json"
         cmd = [py, "-m", "sessa_pt.eval.cli", "task", str(r["run_dir"]), "--data",
                f"{data}/test/manifest.json", "--json", str(r["eval_json"]), "--mlflow-run-id",
                "auto", "--tracking-uri", uri, "--batch-size", "64" if not args.smoke else "16"]
         if impl:
             cmd += ["--sessa-impl", impl]
         evaluated.append(r)
-        jobs.append(Job(cmd, log=out / "logs" / f"eval-{r['variant']}-seed{r['seed']}.log"))
+        jobs.append(Job(cmd, log=out / "logs" / f"eval-{r['key'].replace('/', '-')}.log"))
     for r, (code, secs, _) in zip(evaluated, runner.run_all(jobs, env)):
         r["eval"] = read_json(r["eval_json"]) if not code else {}
         r["eval_seconds"] = secs
@@ -334,9 +381,16 @@ def results_markdown(args, family: str, lo: int, hi: int, runs: list[dict[str, A
     from sessa_pt.config import load_config
     from sessa_pt.recipes_check import count
 
-    by_variant: dict[str, list[dict[str, Any]]] = {}
+    # One row per (setting, variant): the seeds of a row are what mean ± std runs over.
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
-        by_variant.setdefault(r["variant"], []).append(r)
+        groups.setdefault((r.get("setting", ""), r["variant"]), []).append(r)
+    swept = any(setting for setting, _ in groups)
+
+    def row_label(setting: str, variant: str) -> str:
+        label = LABEL.get(variant, variant)
+        return f"{setting} | {label}" if swept else label
+
     title = "SymbolSoup" + ("" if args.length == 600 else f" at {args.length} tokens")
     lines = [f"# {title}: reproduction{' (SMOKE TEST: 2 steps on tiny data, not a result)' if args.smoke else ''}",
              "",
@@ -345,8 +399,9 @@ def results_markdown(args, family: str, lo: int, hi: int, runs: list[dict[str, A
              "on the held-out test split, mean ± sample std over seeds "
              f"({', '.join(str(s) for s in sorted({r['seed'] for r in runs}))})."), ""]
     head = "| model | params (non-emb) | our accuracy | per seed | paper (Table 1) | steps | train time |"
-    lines += [head, "|---|---|---|---|---|---|---|"]
-    for variant, rs in by_variant.items():
+    lines += [head.replace("| model |", "| setting | model |") if swept else head,
+              "|---|---|---|---|---|---|---|" + ("---|" if swept else "")]
+    for (setting, variant), rs in groups.items():
         cfg = load_config(ROOT / "recipes" / family / f"{variant}.yaml")
         _, non_emb, _ = count(cfg)
         accs = [r["eval"]["token_acc"] for r in rs if r.get("eval")]
@@ -358,24 +413,25 @@ def results_markdown(args, family: str, lo: int, hi: int, runs: list[dict[str, A
                           (" (stopped)" if r["stopped"] or r["summary"].get("state") not in
                            (None, "finished") else "") for r in rs)
         mins = ", ".join(f"{r['seconds'] / 60:.1f} min" for r in rs)
-        lines.append(f"| {LABEL.get(variant, variant)} | {non_emb / 1e6:.2f}M | {_ms(accs)} | "
+        lines.append(f"| {row_label(setting, variant)} | {non_emb / 1e6:.2f}M | {_ms(accs)} | "
                      f"{per_seed} | {paper_txt} | {steps} | {mins} |")
     lines += ["", "Accuracy by sequence length (test split, mean over seeds):", ""]
-    bins: dict[str, dict[tuple[int, int], list[float]]] = {}
+    bins: dict[tuple[str, str], dict[tuple[int, int], list[float]]] = {}
     edges: set[tuple[int, int]] = set()
-    for variant, rs in by_variant.items():
+    for group, rs in groups.items():
         for r in rs:
             for b in (r.get("eval") or {}).get("bins", []):
                 e = (math.floor(b["lo"]), math.floor(b["hi"]))
                 edges.add(e)
-                bins.setdefault(variant, {}).setdefault(e, []).append(b["acc"])
+                bins.setdefault(group, {}).setdefault(e, []).append(b["acc"])
     cols = sorted(edges)
-    lines.append("| model | " + " | ".join(f"{a}-{b}" for a, b in cols) + " |")
-    lines.append("|---|" + "---|" * len(cols))
-    for variant in by_variant:
-        cells = [f"{statistics.fmean(bins[variant][e]):.3f}" if e in bins.get(variant, {})
+    lines.append(("| setting | model | " if swept else "| model | ")
+                 + " | ".join(f"{a}-{b}" for a, b in cols) + " |")
+    lines.append("|---|" + ("---|" if swept else "") + "---|" * len(cols))
+    for group in groups:
+        cells = [f"{statistics.fmean(bins[group][e]):.3f}" if e in bins.get(group, {})
                  else "-" for e in cols]
-        lines.append(f"| {LABEL.get(variant, variant)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_label(*group)} | " + " | ".join(cells) + " |")
     total = sum(r["seconds"] + r.get("eval_seconds", 0.0) for r in runs)
     lines += ["", f"Total time of training + evaluation: {total / 60:.1f} min. mlflow store: "
               f"`{uri}` (experiment `{family}`)" +

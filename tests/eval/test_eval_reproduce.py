@@ -45,6 +45,53 @@ def test_dry_run_concurrent_slots(tmp_path: pathlib.Path, capsys) -> None:
     assert rep.gpu_slots("", 2) is None
 
 
+def test_dry_run_sweep_settings(tmp_path: pathlib.Path, capsys) -> None:
+    """--setting: each variant and seed once per setting, in its own directory and mlflow run
+    name, with the setting's overrides last (they win over the common ones)."""
+    out = tmp_path / "o"
+    assert rep.main(["--dry-run", "--out", str(out), "--data", str(tmp_path / "d"), "--seeds",
+                     "1", "--variants", "sessa,transformer", "--setting",
+                     "lr5e-4:optim.lr=5e-4 optim.min_lr=5e-5", "--setting",
+                     "w0.1:data.context_loss_weight=0.1", "train.log_every=7"]) == 0
+    cmds = [ln[2:] for ln in capsys.readouterr().out.splitlines() if ln.startswith("$ ")]
+    train = [c for c in cmds if "sessa_pt.train" in c]
+    assert len(train) == 4
+    first = train[0].split()
+    assert f"run.dir={out}/runs/lr5e-4/sessa-seed1" in first
+    assert first[-3:] == ["optim.lr=5e-4", "optim.min_lr=5e-5", "run.name=symbolsoup-sessa-lr5e-4"]
+    assert first.index("train.log_every=7") < first.index("optim.lr=5e-4")
+    assert any(f"run.dir={out}/runs/w0.1/transformer-seed1" in c
+               and "data.context_loss_weight=0.1" in c for c in train)
+    evals = [c for c in cmds if "sessa_pt.eval.cli task" in c]
+    assert any(f"--json {out}/eval/w0.1/sessa-seed1.json" in c for c in evals)
+
+
+@pytest.mark.parametrize("spec,message", [("lr", "write NAME:key=value"),
+                                          ("a b:x=1", "write NAME:key=value"),
+                                          ("lr:optim.lr", "not a key=value override")])
+def test_bad_settings_say_what_to_write(spec: str, message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        rep.parse_settings([spec])
+    with pytest.raises(SystemExit, match="given twice"):
+        rep.parse_settings(["a:x=1", "a:x=2"])
+
+
+def test_results_table_has_a_row_per_setting_and_model(tmp_path: pathlib.Path) -> None:
+    runs = [{"variant": v, "seed": seed, "setting": st, "seconds": 60.0, "stopped": False,
+             "summary": {"step": 10, "state": "finished"},
+             "eval": {"token_acc": acc + seed / 100, "bins": [{"lo": 400, "hi": 500,
+                                                               "acc": acc}]}}
+            for st, v, acc in [("lrA", "sessa", 0.5), ("lrA", "transformer", 0.4),
+                               ("lrB", "sessa", 0.1)] for seed in (1, 2)]
+    args = rep.build_parser().parse_args(["--seeds", "1,2"])
+    text = rep.results_markdown(args, "symbolsoup", 400, 600, runs, ["cmd"],
+                                rep.datetime.datetime(2026, 11, 28), "sqlite:///x", None)
+    assert "| setting | model | params (non-emb) |" in text
+    assert "| lrA | Sessa | " in text and "| 0.5150 ± 0.0071 |" in text
+    assert "| lrB | Sessa | " in text and "| 0.1150 ± 0.0071 |" in text
+    assert "| lrA | Transformer | 0.400 |" in text
+
+
 @pytest.mark.slow
 def test_smoke_end_to_end(tmp_path: pathlib.Path) -> None:
     assert rep.main(["--smoke", "--out", str(tmp_path / "o")]) == 0
