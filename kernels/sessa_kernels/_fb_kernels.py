@@ -49,6 +49,16 @@ def _scores(a_ptr, b_ptr, row0, col0, T, DK: tl.constexpr, BM: tl.constexpr,
 
 
 @triton.jit
+def _claim_tile(COUNTER, N_DBLK: tl.constexpr, B):
+    """The next tile of an ordered queue over (chunk rank, batch, channel block): returns
+    (channel block, batch as int64, rank). Programs take tiles in launch order, so a tile only
+    waits on tiles already taken by running programs (no deadlock whatever the scheduling)."""
+    tile = tl.atomic_add(COUNTER, 1)
+    rest = tile // N_DBLK
+    return tile % N_DBLK, (rest % B).to(tl.int64), rest // B
+
+
+@triton.jit
 def _wait(flag_ptr):
     while tl.atomic_add(flag_ptr, 0, sem="acquire") == 0:
         pass
@@ -71,11 +81,7 @@ def fwd_solve(Q, K, G, F, S, R, LSE, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
               DK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
               BD: tl.constexpr, N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr,
               PREC: tl.constexpr, FROM_STORED: tl.constexpr):
-    tile = tl.atomic_add(COUNTER, 1)
-    dblk = tile % N_DBLK
-    rest = tile // N_DBLK
-    b = (rest % B).to(tl.int64)
-    r = rest // B
+    dblk, b, r = _claim_tile(COUNTER, N_DBLK, B)
     q_ptr = Q + b * T * DK
     k_ptr = K + b * T * DK
     s_ptr = S + b * T * D
@@ -169,11 +175,8 @@ def bwd_solve(Q, K, G, DS, U, R, LSE, DG, FLAGS, COUNTER, T, B, n_chunks, scale_
               DK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
               BD: tl.constexpr, N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr,
               PREC: tl.constexpr, FROM_STORED: tl.constexpr):
-    tile = tl.atomic_add(COUNTER, 1)
-    dblk = tile % N_DBLK
-    rest = tile // N_DBLK
-    b = (rest % B).to(tl.int64)
-    c = n_chunks - 1 - rest // B
+    dblk, b, rank = _claim_tile(COUNTER, N_DBLK, B)
+    c = n_chunks - 1 - rank
     q_ptr = Q + b * T * DK
     k_ptr = K + b * T * DK
     u_ptr = U + b * T * D

@@ -34,11 +34,29 @@ import triton.language as tl
 
 from sessa_kernels._fb_kernels import (
     _bwd_finish_chunk,
+    _claim_tile,
     _scores,
     _store_solved,
     _unit_lower_solve,
     _wait,
 )
+
+
+@triton.jit
+def _tile_scores(Q, K, b, r, c, T, scale_log2, DK: tl.constexpr, BM: tl.constexpr,
+                 BK: tl.constexpr):
+    """Scores (log2 units) of row chunk r against column chunk c <= r of batch b, -inf outside
+    the strict lower triangle on the diagonal tile (c == r) and at columns >= T. Returns
+    (scores, arange(BM), row offsets, column offsets, row mask)."""
+    ar = tl.arange(0, BM)
+    offs_m = r * BM + ar
+    offs_n = c * BM + ar
+    sc = _scores(Q + b * T * DK, K + b * T * DK, r * BM, c * BM, T, DK, BM, BM,
+                 BK) * scale_log2
+    if c == r:
+        valid = (offs_n[None, :] < offs_m[:, None]) & (offs_n[None, :] < T)
+        sc = tl.where(valid, sc, float("-inf"))
+    return sc, ar, offs_m, offs_n, offs_m < T
 
 
 @triton.jit
@@ -51,15 +69,7 @@ def fwd_panel_scores(Q, K, PANEL, DIAG, STM, STL, T, W, T_PAD, NC, r0, scale_log
     b = tl.program_id(2).to(tl.int64)
     r = r0 + i
     if c <= r:
-        ar = tl.arange(0, BM)
-        offs_m = r * BM + ar
-        offs_n = c * BM + ar
-        rmask = offs_m < T
-        sc = _scores(Q + b * T * DK, K + b * T * DK, r * BM, c * BM, T, DK, BM, BM,
-                     BK) * scale_log2
-        if c == r:   # strict lower triangle, real columns only
-            valid = (offs_n[None, :] < offs_m[:, None]) & (offs_n[None, :] < T)
-            sc = tl.where(valid, sc, float("-inf"))
+        sc, ar, offs_m, offs_n, rmask = _tile_scores(Q, K, b, r, c, T, scale_log2, DK, BM, BK)
         m = tl.max(sc, 1)                                   # -inf: row has no entry here
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp2(sc - m_safe[:, None])                   # exp2(-inf) = 0 off the triangle
@@ -108,11 +118,7 @@ def fwd_panel_solve(G, F, S, R, LSE, PANEL, DIAG, STM, FLAGS, COUNTER, T, B, W, 
                     N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
                     FROM_STORED: tl.constexpr):
     """Ordered tile queue over (local chunk, batch, channel block), as ``fwd_solve``."""
-    tile = tl.atomic_add(COUNTER, 1)
-    dblk = tile % N_DBLK
-    rest = tile // N_DBLK
-    b = (rest % B).to(tl.int64)
-    i = rest // B
+    dblk, b, i = _claim_tile(COUNTER, N_DBLK, B)
     r = r0 + i
     s_ptr = S + b * T * D
     flag_ptr = FLAGS + (b * NC) * N_DBLK + dblk
@@ -165,17 +171,10 @@ def bwd_panel_scores(Q, K, LSE, PANEL, DIAG, T, W, T_PAD, c_lo, scale_log2,
     r = c_lo + i
     c = c_lo + j
     if c <= r:
-        ar = tl.arange(0, BM)
-        offs_m = r * BM + ar
-        offs_n = c * BM + ar
-        rmask = offs_m < T
-        sc = _scores(Q + b * T * DK, K + b * T * DK, r * BM, c * BM, T, DK, BM, BM,
-                     BK) * scale_log2
+        sc, ar, offs_m, _offs_n, rmask = _tile_scores(Q, K, b, r, c, T, scale_log2, DK, BM, BK)
         lse = tl.load(LSE + b * T + offs_m, mask=rmask, other=float("inf"))
-        p = tl.exp2(sc - lse[:, None])
+        p = tl.exp2(sc - lse[:, None])          # 0 where the score is -inf (lse is never -inf)
         if c == r:
-            strict = (offs_n[None, :] < offs_m[:, None]) & (offs_n[None, :] < T)
-            p = tl.where(strict, p, 0.0)
             tl.store(DIAG + b * T_PAD * BM + offs_m[:, None] * BM + ar[None, :], p,
                      mask=rmask[:, None])
         else:
@@ -191,11 +190,8 @@ def bwd_panel_solve(G, DS, U, R, DG, PANEL, DIAG, FLAGS, COUNTER, T, B, W, T_PAD
                     FROM_STORED: tl.constexpr):
     """Ordered tile queue in reverse time over the column chunks [c_lo, c_hi) of the
     super-chunk, as ``bwd_solve``."""
-    tile = tl.atomic_add(COUNTER, 1)
-    dblk = tile % N_DBLK
-    rest = tile // N_DBLK
-    b = (rest % B).to(tl.int64)
-    c = c_hi - 1 - rest // B
+    dblk, b, rank = _claim_tile(COUNTER, N_DBLK, B)
+    c = c_hi - 1 - rank
     j = c - c_lo                                # column chunk inside the panel
     u_ptr = U + b * T * D
     flag_ptr = FLAGS + (b * n_chunks) * N_DBLK + dblk
