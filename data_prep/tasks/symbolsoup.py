@@ -121,10 +121,10 @@ def make_example(index: int, label: int, seed: int, split: str, min_len: int,
     rng = example_rng("symbolsoup", seed, split, index)
     lo, hi = letter_bounds(min_len, max_len)
     letters = rng.randint(lo, hi)
-    # Lengths as the authors' generator draws them: noise ~ U[0.3M, 0.6M] letters (at least 3),
-    # cut into three blocks by two sequential draws; the rest cut in two for the style blocks.
-    noise_lo = max(3, int(0.3 * letters))
-    noise = min(rng.randint(noise_lo, max(noise_lo, int(0.6 * letters))), letters - 2)
+    # Lengths as the authors' generator draws them: noise ~ U[0.3M, 0.6M] letters, cut into
+    # three blocks by two sequential draws; the rest cut in two for the style blocks. (Their
+    # clamps, noise >= 3 and <= M - 2, never act: letter_bounds keeps M >= 10.)
+    noise = rng.randint(int(0.3 * letters), int(0.6 * letters))
     n0 = rng.randint(1, noise - 2)
     n1 = rng.randint(1, noise - n0 - 1)
     n2 = noise - n0 - n1

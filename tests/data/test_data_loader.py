@@ -52,6 +52,12 @@ def global_batches(ds: TokenShardDataset, dp: int, steps: int, start_cursor: int
     return [[i for r in range(dp) for i in per_rank[r][k]] for k in range(steps)]
 
 
+def test_context_weight_needs_task_shards(train_ds: TokenShardDataset) -> None:
+    with pytest.raises(ValueError, match="leave data.context_loss_weight at 0"):
+        build_train_loader(train_ds, seed=1, global_batch_size=G, micro_batch_size=B,
+                           context_weight=0.5)
+
+
 def test_batch_contents(train_ds: TokenShardDataset) -> None:
     loader = build_train_loader(train_ds, seed=1, global_batch_size=G, micro_batch_size=B)
     batch = next(iter(loader))
