@@ -19,6 +19,15 @@ import sys
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The data the quick start writes; recipes/tiny reads these paths, vocabulary and length.
+DATA_DIR = pathlib.Path("data/quickstart")
+VOCAB_SIZE = 2048
+SEQ_LEN = 128
+
+
+def data_layout(data: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """(corpus dir, tokenizer prefix, shards dir) under a quick-start data dir."""
+    return data / "corpus", data / "tokenizer" / "spm2k", data / "shards"
 
 
 def run(cmd: list[str], **kw) -> None:
@@ -41,7 +50,7 @@ def unigram_entropy(manifest: pathlib.Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default="data/quickstart")
+    p.add_argument("--data-dir", default=str(DATA_DIR))
     p.add_argument("--recipe", default="recipes/tiny/sessa.yaml")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="extra key=value training overrides "
@@ -50,16 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     py = sys.executable
     data = pathlib.Path(args.data_dir)
-    corpus, tok, shards = data / "corpus", data / "tokenizer" / "spm2k", data / "shards"
+    corpus, tok, shards = data_layout(data)
     data_cli = [py, "-m", "data_prep.cli"]
     if not (corpus / "sources.json").exists():
         run(data_cli + ["fetch", "--preset", "small", "--out", str(corpus)])
     if not tok.with_suffix(".model").exists():
-        run(data_cli + ["train-tokenizer", "--input", str(corpus), "--vocab-size", "2048",
+        run(data_cli + ["train-tokenizer", "--input", str(corpus), "--vocab-size", str(VOCAB_SIZE),
                         "--model-type", "bpe", "--out", str(tok)])
     if not (shards / "valid" / "manifest.json").exists():
         run(data_cli + ["tokenize", "--input", str(corpus), "--tokenizer",
-                        str(tok.with_suffix(".model")), "--seq-len", "128", "--out",
+                        str(tok.with_suffix(".model")), "--seq-len", str(SEQ_LEN), "--out",
                         str(shards), "--workers", "2", "--valid-fraction", "0.02"])
     overrides = args.overrides or ["parallel.tp=2"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),

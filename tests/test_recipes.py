@@ -35,10 +35,18 @@ def test_family_is_matched(family: str) -> None:
     assert rc.problems(ROOT / "recipes" / family, variants=variants) == []
 
 
-def test_tiny_recipes_keep_their_values() -> None:
-    cfg = load_config(ROOT / "recipes" / "tiny" / "sessa.yaml")
-    assert cfg.data.train == "data/quickstart/shards/train/manifest.json"
-    assert (cfg.model.d_model, cfg.model.n_layers, cfg.data.seq_len) == (128, 4, 128)
+def test_tiny_recipes_read_what_the_quick_start_writes() -> None:
+    """The README's torchrun command runs recipes/tiny without data overrides, so the recipes
+    must point at the quick start's shards, with its sequence length and vocabulary."""
+    from sessa_pt import quickstart
+
+    _, _, shards = quickstart.data_layout(quickstart.DATA_DIR)
+    for variant in rc.family_recipes(ROOT / "recipes" / "tiny"):
+        cfg = load_config(variant)
+        assert pathlib.Path(cfg.data.train) == shards / "train" / "manifest.json", variant
+        assert pathlib.Path(cfg.data.valid) == shards / "valid" / "manifest.json", variant
+        assert cfg.data.seq_len == quickstart.SEQ_LEN, variant
+        assert cfg.model.vocab_size == quickstart.VOCAB_SIZE, variant
 
 
 def test_check_detects_a_mismatch(tmp_path: pathlib.Path, capsys) -> None:

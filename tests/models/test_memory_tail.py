@@ -3,11 +3,13 @@ diffuse attention, exponential decay for Mamba2."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 from sessa_pt.eval import memory_tail as mt
 
@@ -42,10 +44,25 @@ def test_mamba2_decays_exponentially():
     assert infl[-1] < 1e-4 * infl[0]
 
 
-def test_sessa_with_its_own_routing_is_bounded():
-    args = mt.build_parser().parse_args(["--routing", "model", "--seq-len", "200"])
-    _, infl, _ = mt.measure(args)
-    assert np.isfinite(infl).all() and infl.max() < 1 / (1 - 0.999)
+def test_sessa_with_its_own_routing_is_the_resolvent_column():
+    """With the mixer's own routing, the influence of f_tau is column tau of (I - B_fb)^-1,
+    built here independently from the mixer's q_b, k_b and gamma with an explicit inverse."""
+    T, tau = 40, 3
+    args = mt.build_parser().parse_args(["--routing", "model", "--seq-len", str(T),
+                                         "--tau", str(tau), "--n-lags", "64"])
+    lags, infl, closed = mt.measure(args)
+    assert closed is None
+    mixer = mt._build_mixer("sessa", args.d_model, args.n_heads, args.seed, "model")
+    gen = torch.Generator().manual_seed(args.seed)
+    a = torch.randn(1, T, args.d_model, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        q_b, k_b, gamma = mixer.feedback_inputs(a)
+    logits = (q_b[0] @ k_b[0].T) / math.sqrt(q_b.shape[-1])
+    strict = torch.ones(T, T, dtype=torch.bool).tril(-1)
+    alpha = torch.softmax(logits.masked_fill(~strict, float("-inf")), dim=-1).nan_to_num(0.0)
+    resolvent = torch.linalg.inv(torch.eye(T, dtype=torch.float64) - gamma[0, :, None] * alpha)
+    want = resolvent[tau:, tau].abs().numpy()[lags]
+    np.testing.assert_allclose(infl, want, rtol=1e-10, atol=1e-14)
 
 
 def test_help_explains_options():
