@@ -34,8 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=pathlib.Path)
     ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the median")
+    ap.add_argument("--speedup-vs", metavar="SUFFIX", default=None,
+                    help="add a column: tokens/s over the run whose name is this one's with its "
+                         "last '_' part replaced by SUFFIX (e.g. _dp1: sessa_dp2 vs sessa_dp1)")
     args = ap.parse_args(argv)
     rows = [summarise(r, args.skip) for r in args.runs]
+    if args.speedup_vs:
+        tps = {r["run"]: r["tokens/s"] for r in rows}
+        for r in rows:
+            base = tps.get(r["run"].rsplit("_", 1)[0] + args.speedup_vs)
+            r["speedup"] = f"{r['tokens/s'] / base:.2f}x" if base else "-"
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
