@@ -347,3 +347,30 @@ def check(cfg: Config, world_size: int, cuda: bool) -> None:
     errors = validate(cfg, world_size, cuda)
     if errors:
         raise ConfigError("the run configuration cannot run:\n  - " + "\n  - ".join(errors))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m sessa_pt.config",
+        description="Print a recipe's resolved configuration, or the reference of every field.")
+    ap.add_argument("recipe", nargs="?", help="recipe YAML (e.g. recipes/tiny/sessa.yaml)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    ap.add_argument("--doc", action="store_true",
+                    help="print the field reference (docs/config.md) and exit")
+    args = ap.parse_args(argv)
+    if args.doc:
+        from sessa_pt.config_doc import reference
+
+        print(reference(Config), end="")
+        return 0
+    if not args.recipe:
+        ap.error("give a recipe, or --doc")
+    print(yaml.safe_dump(to_dict(load_config(args.recipe, args.overrides)), sort_keys=False),
+          end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
