@@ -41,9 +41,9 @@ def _geometry(x: Tensor, B: Tensor, chunk_size: int) -> dict:
     G, N = B.shape[2:]
     L = chunk_size
     c = -(-T // L)
-    return dict(b=b, T=T, H=H, P=P, G=G, N=N, HG=H // G, L=L, c=c, Tp=c * L,
-                BP=max(16, _next_pow2(P)), BN=max(16, _next_pow2(N)),
-                PREC="ieee" if x.dtype == torch.float32 else "tf32")
+    return {"b": b, "T": T, "H": H, "P": P, "G": G, "N": N, "HG": H // G, "L": L, "c": c,
+            "Tp": c * L, "BP": max(16, _next_pow2(P)), "BN": max(16, _next_pow2(N)),
+            "PREC": "ieee" if x.dtype == torch.float32 else "tf32"}
 
 
 def _warps(g: dict) -> int:
@@ -66,7 +66,7 @@ class _SSD(torch.autograd.Function):
         if C.stride() != sb:   # the kernels address B and C with one set of strides
             B, C = B.contiguous(), C.contiguous()
             sb = B.stride()
-        common = dict(L=L, BP=g["BP"], BN=g["BN"], PREC=g["PREC"])
+        common = {"L": L, "BP": g["BP"], "BN": g["BN"], "PREC": g["PREC"]}
         with torch.cuda.device(x.device) if x.is_cuda else _null():
             kern.chunk_state_fwd[(b * H, c)](
                 x, dt_p, acum, B, states, T, Tp, H, G, g["HG"], P, N, *sx, *sb, **common)
@@ -97,7 +97,7 @@ class _SSD(torch.autograd.Function):
         if dy is None:
             dy = x.new_zeros(x.shape)
         sx, sb, sy = x.stride(), B.stride(), dy.stride()
-        common = dict(L=L, BP=g["BP"], BN=g["BN"], PREC=g["PREC"])
+        common = {"L": L, "BP": g["BP"], "BN": g["BN"], "PREC": g["PREC"]}
         PN = P * N
         block = min(1024, _next_pow2(PN))
         n_blocks = -(-PN // block)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MAMBA2_IMPLS = ("chunked", "sequential")
+MAMBA2_IMPLS = ("auto", "chunked", "sequential", "triton", "fla")
 
 
 @dataclass
@@ -203,7 +203,97 @@ def ssd_chunked(
     return y.to(x.dtype), final
 
 
-SSD_IMPLS = {"chunked": ssd_chunked, "sequential": ssd_sequential}
+def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
+               initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Our Triton SSD (``sessa_kernels.ssd_triton``), forward and backward; same arguments and
+    results as :func:`ssd_chunked`. Runs eagerly inside a compiled block (a graph break):
+    inductor's alignment/stride hints never reach the hand-written kernels."""
+    from sessa_kernels.ssd_triton import ssd_triton as kernel
+
+    return torch.compiler.disable(kernel)(x, dt, A, B, C, chunk_size, initial_state)
+
+
+def ssd_fla(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
+            initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The SSD through flash-linear-attention's ``chunk_simple_gla`` (pure Triton): the SSD is
+    its scalar-decay case with q = C, k = B, v = x dt, log-decay g = dt A and scale 1. fla fixes
+    its own chunk length (``chunk_size`` is ignored); B/C groups are expanded to the heads.
+    Its backward needs triton >= 3.7.1 on Hopper (fla refuses older ones there, fla#640)."""
+    del chunk_size
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError as err:
+        raise ImportError("model.mamba2.impl=fla needs flash-linear-attention "
+                          "(pip install 'sessa_pt[fla]'); or use impl=triton") from err
+    _check_ssd_inputs(x, dt, A, B, C, initial_state)
+    hg = x.shape[2] // B.shape[2]
+    q, k = (t.repeat_interleave(hg, dim=2) if hg > 1 else t for t in (C, B))
+    v = (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype)
+    g = (dt.float() * A.float()).contiguous()
+    # fla's state is (B, H, K, V) = (b, H, N, P): ours transposed
+    h0 = None if initial_state is None else initial_state.transpose(-1, -2).float().contiguous()
+    y, final = torch.compiler.disable(chunk_simple_gla)(
+        q.contiguous(), k.contiguous(), v.contiguous(), g, scale=1.0, initial_state=h0,
+        output_final_state=True)
+    return y.to(x.dtype), final.transpose(-1, -2).float()
+
+
+SSD_IMPLS = {"chunked": ssd_chunked, "sequential": ssd_sequential, "triton": ssd_triton,
+             "fla": ssd_fla}
+
+# fla's gated backward is miscompiled by triton < 3.7.1 on Hopper (fla#640)
+_FLA_MIN_TRITON = (3, 7, 1)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def resolve_ssd_impl(impl: str, device: torch.device | str) -> str:
+    """The SSD path that ``impl`` selects on ``device``.
+
+    ``auto``: on CUDA, fla's ``chunk_simple_gla`` where it is installed and triton >= 3.7.1,
+    else our Triton kernels where triton is installed, else the PyTorch ``chunked`` SSD; off
+    CUDA always ``chunked``. Explicit ``triton``/``fla`` off CUDA raise (the interpreter is for
+    tests, which call the kernels directly)."""
+    if impl not in MAMBA2_IMPLS:
+        raise ValueError(f"unknown Mamba2 impl {impl!r}; choose one of {MAMBA2_IMPLS}")
+    cuda = torch.device(device).type == "cuda"
+    if impl in ("chunked", "sequential"):
+        return impl
+    if impl in ("triton", "fla") and not cuda:
+        raise ValueError(f"model.mamba2.impl={impl} runs on CUDA GPUs only (this run is on "
+                         f"{device}); use impl=auto or impl=chunked")
+    if impl != "auto":
+        return impl
+    if not cuda:
+        return "chunked"
+    try:
+        import triton
+    except ImportError:
+        return "chunked"
+    if _version_tuple(triton.__version__) >= _FLA_MIN_TRITON:
+        try:
+            import fla.ops.simple_gla  # noqa: F401
+            return "fla"
+        except ImportError:
+            pass
+    return "triton"
+
+
+def padded_linear(a: Tensor, weight: Tensor, multiple: int = 64) -> Tensor:
+    """``a @ weight.T`` computed with ``weight``'s rows zero-padded to a multiple of
+    ``multiple``; returns the true columns as a view of the padded output, so every row starts
+    at an aligned address and the GEMM has an aligned width (its gradient reaches ``weight``
+    through the pad)."""
+    width = weight.shape[0]
+    if width % multiple == 0:
+        return F.linear(a, weight)
+    return F.linear(a, F.pad(weight, (0, 0, 0, -width % multiple)))[..., :width]
 
 
 class GatedRMSNorm(nn.Module):
@@ -229,7 +319,15 @@ class Mamba2Mixer(nn.Module):
 
     ``d_inner = expand * d_model`` channels in ``H = d_inner / head_dim`` heads; ``n_groups``
     groups of B/C of size ``d_state`` shared by ``H / n_groups`` heads each. ``impl`` picks the
-    SSM algorithm of the parallel forward: ``"chunked"`` (SSD) or ``"sequential"`` (the scan).
+    SSM algorithm of the parallel forward: ``"chunked"`` (PyTorch SSD), ``"sequential"`` (the
+    scan), ``"triton"`` (our Triton SSD), ``"fla"`` (flash-linear-attention) or ``"auto"``
+    (:func:`resolve_ssd_impl`, per device at forward time). Decoding (T == 1 with a cache) always
+    takes the recurrent step.
+
+    ``in_proj``'s output width ``2 E + 2 G N + H`` is odd for many sizes (3611 at d_model 864).
+    On CUDA its GEMM runs against the weight zero-padded to a multiple of 64 rows, so the output
+    rows and the z/xBC/dt slices start 16-byte aligned (no align-1 GEMMs, no misaligned views
+    for compiled kernels); the parameter itself keeps its plain shape.
 
     Parameters (roughly ``3 D d_inner`` for expand=2, i.e. ~6 D^2):
     ``in_proj`` D x (2 d_inner + 2 G N + H), ``conv1d`` (d_inner + 2 G N) x (d_conv + 1),
@@ -274,6 +372,10 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"dt_init_floor must be > 0, got {dt_init_floor}")
         if impl not in MAMBA2_IMPLS:
             raise ValueError(f"unknown Mamba2 impl {impl!r}; choose one of {MAMBA2_IMPLS}")
+        if impl == "triton":
+            from sessa_kernels.ssd_triton import check_chunk_size
+
+            check_chunk_size(chunk_size)
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.head_dim, self.n_groups, self.chunk_size, self.impl = (head_dim, n_groups,
                                                                     chunk_size, impl)
@@ -318,17 +420,36 @@ class Mamba2Mixer(nn.Module):
             cache.conv_state = full[..., full.shape[-1] - k:]
         return F.silu(self.conv1d(full)).transpose(1, 2)
 
+    def ssd_path(self, device: torch.device | str) -> str:
+        """The SSD implementation the parallel forward takes on ``device``."""
+        path = resolve_ssd_impl(self.impl, device)
+        if path == "triton":
+            from sessa_kernels.ssd_triton import check_chunk_size
+
+            check_chunk_size(self.chunk_size)
+        return path
+
+    def _in_proj(self, a: Tensor) -> Tensor:
+        """``in_proj(a)``, on CUDA through the weight padded to a multiple of 64 output rows
+        (see the class docstring); returns the first ``out_features`` columns, a view whose rows
+        are 16-byte aligned. A tensor-parallel in_proj (not an nn.Linear) runs as it is."""
+        lin = self.in_proj
+        if type(lin) is not nn.Linear or not a.is_cuda:
+            return lin(a)
+        return padded_linear(a, lin.weight, multiple=64)
+
     def forward(self, a: Tensor, cache: Mamba2Cache | None = None) -> Tensor:
         b, T, _ = a.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        z, xBC, dt_raw = self.in_proj(a).split([self.d_inner, self.conv_dim, H], dim=-1)
+        z, xBC, dt_raw = self._in_proj(a).split([self.d_inner, self.conv_dim, H], dim=-1)
         x, Bm, Cm = self._conv(xBC, cache).split([self.d_inner, G * N, G * N], dim=-1)
         x = x.view(b, T, H, P)
         acc = _acc_dtype(a.dtype)
         dt = F.softplus(dt_raw.to(acc) + self.dt_bias.to(acc))
         A = -torch.exp(self.A_log.to(acc))
-        ssd = SSD_IMPLS[self.impl]
-        y, state = ssd(x, dt, A, Bm.view(b, T, G, N), Cm.view(b, T, G, N), self.chunk_size,
+        # one token with a cache: the recurrent step (the scan of one token), on any device
+        path = "sequential" if (cache is not None and T == 1) else self.ssd_path(a.device)
+        y, state = SSD_IMPLS[path](x, dt, A, Bm.view(b, T, G, N), Cm.view(b, T, G, N), self.chunk_size,
                        initial_state=None if cache is None else cache.ssm_state)
         if cache is not None:
             cache.ssm_state, cache.length = state, cache.length + T
@@ -355,6 +476,7 @@ class Mamba2Mixer(nn.Module):
         conv = 2 * K * (E + 2 * G * N)
         if self.impl == "sequential":
             return float(proj + conv + 2 * H * P * N)
+        # chunked, triton, fla and auto all count the chunked SSD's products
         L = min(self.chunk_size, T)
         c = -(-T // L)
         per_padded_token = 2 * L * G * N + 2 * L * H * P + 4 * H * P * N
