@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sessa_pt.models.rope import apply_rope
+from sessa_pt.models.rope import apply_rope_from
 
 
 class SeqBuffer:
@@ -130,8 +130,8 @@ class AttentionMixer(nn.Module):
         k = self.k_proj(a).view(B, T, -1, self.head_dim)
         v = self.v_proj(a).view(B, T, -1, self.head_dim)
         if self.use_rope:
-            pos = torch.arange(n_past, n_past + T, device=a.device)
-            q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+            q = apply_rope_from(q, n_past, self.rope_base)
+            k = apply_rope_from(k, n_past, self.rope_base)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.append(k, v)
