@@ -37,6 +37,9 @@ class Mamba2Options:
     # | sequential (reference scan) | triton (our Triton SSD, CUDA; chunk_size a power of two in
     # 16..256) | fla (flash-linear-attention's chunk_simple_gla, CUDA). The run's log says which.
     impl: str = "auto"
+    # causal depthwise conv: conv1d (nn.Conv1d, cuDNN on GPU, channels-first transposes) |
+    # shifts (d_conv shifted multiply-adds in the (B, T, C) layout; fuses under compile)
+    conv_impl: str = "conv1d"
 
 
 @dataclass
@@ -92,6 +95,11 @@ class ModelConfig:
             if self.mamba2.impl not in MAMBA2_IMPLS:
                 errors.append(f"unknown model.mamba2.impl {self.mamba2.impl!r}: choose from "
                               f"{MAMBA2_IMPLS}")
+            from sessa_pt.models.mamba2 import MAMBA2_CONV_IMPLS
+
+            if self.mamba2.conv_impl not in MAMBA2_CONV_IMPLS:
+                errors.append(f"unknown model.mamba2.conv_impl {self.mamba2.conv_impl!r}: "
+                              f"choose from {MAMBA2_CONV_IMPLS}")
             c = self.mamba2.chunk_size
             if self.mamba2.impl == "triton" and (c < 16 or c > 256 or c & (c - 1)):
                 errors.append(f"model.mamba2.impl=triton needs chunk_size a power of two in "

@@ -36,7 +36,7 @@ def build_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
         o = cfg.mamba2
         return Mamba2Mixer(cfg.d_model, d_state=o.d_state, d_conv=o.d_conv, expand=o.expand,
                            head_dim=o.head_dim, n_groups=o.n_groups, chunk_size=o.chunk_size,
-                           impl=o.impl)
+                           impl=o.impl, conv_impl=o.conv_impl)
     raise ValueError(f"unknown mixer {kind!r}")
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 MAMBA2_IMPLS = ("auto", "chunked", "sequential", "triton", "fla")
+MAMBA2_CONV_IMPLS = ("conv1d", "shifts")
 
 
 @dataclass
@@ -350,6 +351,7 @@ class Mamba2Mixer(nn.Module):
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
         impl: str = "chunked",
+        conv_impl: str = "conv1d",
     ) -> None:
         super().__init__()
         for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
@@ -372,6 +374,10 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"dt_init_floor must be > 0, got {dt_init_floor}")
         if impl not in MAMBA2_IMPLS:
             raise ValueError(f"unknown Mamba2 impl {impl!r}; choose one of {MAMBA2_IMPLS}")
+        if conv_impl not in MAMBA2_CONV_IMPLS:
+            raise ValueError(f"unknown Mamba2 conv_impl {conv_impl!r}; choose one of "
+                             f"{MAMBA2_CONV_IMPLS}")
+        self.conv_impl = conv_impl
         if impl == "triton":
             from sessa_kernels.ssd_triton import check_chunk_size
 
@@ -409,9 +415,26 @@ class Mamba2Mixer(nn.Module):
         return Mamba2Cache()
 
     def _conv(self, xBC: Tensor, cache: Mamba2Cache | None) -> Tensor:
-        """Causal depthwise conv + SiLU over (B, T, conv_dim); updates the cache's conv state."""
-        xt = xBC.transpose(1, 2)                                   # (B, conv_dim, T)
+        """Causal depthwise conv + SiLU over (B, T, conv_dim); updates the cache's conv state.
+
+        ``conv_impl="conv1d"``: nn.Conv1d (cuDNN on GPU) on the channels-first transpose;
+        ``"shifts"``: the same sum as d_conv shifted multiply-adds in the (B, T, C) layout,
+        no transposes (under torch.compile one fused elementwise kernel each way)."""
         k = self.d_conv - 1
+        if self.conv_impl == "shifts":
+            if cache is None or cache.conv_state is None:
+                full = F.pad(xBC, (0, 0, k, 0))                   # (B, k + T, C)
+            else:
+                full = torch.cat([cache.conv_state.transpose(1, 2).to(xBC.dtype), xBC], dim=1)
+            if cache is not None:
+                cache.conv_state = full[:, full.shape[1] - k:].transpose(1, 2)
+            T = xBC.shape[1]
+            w = self.conv1d.weight[:, 0, :].to(xBC.dtype)        # (C, d_conv)
+            out = self.conv1d.bias.to(xBC.dtype) + full[:, k:k + T] * w[:, k]
+            for j in range(k):
+                out = out + full[:, j:j + T] * w[:, j]
+            return F.silu(out)
+        xt = xBC.transpose(1, 2)                                   # (B, conv_dim, T)
         if cache is None or cache.conv_state is None:
             full = F.pad(xt, (k, 0))
         else:

@@ -293,3 +293,24 @@ def test_padded_linear_equals_linear_and_is_aligned() -> None:
     ga, gw = torch.autograd.grad(out, (a, w), g)
     ra, rw = torch.autograd.grad(ref, (a, w), g)
     assert torch.allclose(ga, ra) and torch.allclose(gw, rw)
+
+
+@pytest.mark.parametrize("d_conv", [1, 4])
+def test_shift_conv_equals_conv1d_forward_decode_and_grads(d_conv: int) -> None:
+    """conv_impl="shifts" computes nn.Conv1d's causal depthwise conv: same outputs, gradients and
+    decoding cache (prefill then one-token steps)."""
+    a = torch.randn(2, 11, 16, dtype=F64)
+    ref = small_mixer(d_conv=d_conv)
+    sh = small_mixer(d_conv=d_conv, conv_impl="shifts")
+    ya, yb = ref(a), sh(a)
+    assert torch.allclose(ya, yb, atol=1e-12)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, p), q in zip(ref.named_parameters(), sh.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10), n
+    with torch.no_grad():
+        cache = sh.init_cache()
+        parts = [sh(a[:, :8], cache)] + [sh(a[:, t:t + 1], cache) for t in range(8, 11)]
+    assert torch.allclose(torch.cat(parts, dim=1), ya, atol=1e-10)
+    with pytest.raises(ValueError, match="unknown Mamba2 conv_impl"):
+        small_mixer(conv_impl="cudnn")
