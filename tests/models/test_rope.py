@@ -56,3 +56,20 @@ def test_compiled_attention_blocks_share_one_graph() -> None:
     # the first trace builds the table in its graph, every later one reads the cached table
     assert counters["stats"]["unique_graphs"] <= 2
     assert not counters["graph_break"]
+
+
+def test_attention_with_padded_head_dim_is_exact() -> None:
+    """Zero-padding d = 54 to 56 (as on CUDA) changes no attention output: prefill, one cached
+    token and a chunk after a cache."""
+    from sessa_pt.models.attention import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 5, 54, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 3, 9, 54, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, 9, 54, generator=g, dtype=torch.float64)
+    for n_past, T in ((0, 5), (8, 1), (4, 5)):
+        ref = causal_attention(q[:, :, :T], k[:, :, :n_past + T], v[:, :, :n_past + T], n_past,
+                               pad_head_dim=1)
+        out = causal_attention(q[:, :, :T], k[:, :, :n_past + T], v[:, :, :n_past + T], n_past,
+                               pad_head_dim=8)
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-12)
