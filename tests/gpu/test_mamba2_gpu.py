@@ -85,3 +85,20 @@ def test_compiled_block_of_every_recipe(recipe: str) -> None:
     torch.cuda.synchronize()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert _rel(y, y_eager) < 2e-2
+
+
+@pytest.mark.parametrize("impl,conv_impl", [("triton", "conv1d"), ("triton", "shifts"),
+                                            ("chunked", "conv1d")])
+def test_compiled_m125_mamba2_block_each_path(impl: str, conv_impl: str) -> None:
+    """recipes/m125/mamba2's block compiled with each SSD path and conv, against eager."""
+    cfg = load_config(REPO / "recipes/m125/mamba2.yaml",
+                      [f"model.mamba2.impl={impl}", f"model.mamba2.conv_impl={conv_impl}"]).model
+    torch.manual_seed(0)
+    block = build_block(cfg, 0).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 512, cfg.d_model, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y_eager = block(x)
+    y = torch.compile(block)(x)
+    y.float().square().mean().backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert _rel(y, y_eager) < 2e-2
