@@ -297,6 +297,40 @@ def padded_linear(a: Tensor, weight: Tensor, multiple: int = 64) -> Tensor:
     return F.linear(a, F.pad(weight, (0, 0, 0, -width % multiple)))[..., :width]
 
 
+class AlignedLinear(nn.Linear):
+    """nn.Linear whose CUDA GEMM runs through :func:`padded_linear` (rows padded to a multiple
+    of ``multiple``): the output is a view of an aligned buffer. Same parameters and state dict
+    as nn.Linear; it stays a module call, so hooks on it (ZeRO-3 gathering) still run."""
+
+    multiple = 64
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_cuda or self.out_features % self.multiple == 0:
+            return super().forward(x)
+        out = padded_linear(x, self.weight, self.multiple)
+        return out if self.bias is None else out + self.bias
+
+
+class CausalDepthwiseConv1d(nn.Conv1d):
+    """nn.Conv1d (depthwise, no padding) that also takes the channels-last layout:
+    ``forward(x, channels_last=True)`` maps (B, T + K - 1, C) to (B, T, C) as K shifted
+    multiply-adds, no transposes. Same parameters as nn.Conv1d; both layouts go through the
+    module call, so hooks on it (ZeRO-3 gathering) run."""
+
+    def forward(self, x: Tensor, channels_last: bool = False) -> Tensor:
+        if not channels_last:
+            return super().forward(x)
+        K = self.kernel_size[0]
+        T = x.shape[1] - (K - 1)
+        w = self.weight[:, 0, :].to(x.dtype)                       # (C, K)
+        out = x[:, K - 1:K - 1 + T] * w[:, K - 1]
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        for j in range(K - 1):
+            out = out + x[:, j:j + T] * w[:, j]
+        return out
+
+
 class GatedRMSNorm(nn.Module):
     """``RMSNorm(y * SiLU(z)) * weight``, the RMS taken over groups of ``group_size`` channels
     (one group per B/C group, as in Mamba-2), in float32 (float64 for float64 inputs)."""
@@ -326,9 +360,10 @@ class Mamba2Mixer(nn.Module):
     takes the recurrent step.
 
     ``in_proj``'s output width ``2 E + 2 G N + H`` is odd for many sizes (3611 at d_model 864).
-    On CUDA its GEMM runs against the weight zero-padded to a multiple of 64 rows, so the output
-    rows and the z/xBC/dt slices start 16-byte aligned (no align-1 GEMMs, no misaligned views
-    for compiled kernels); the parameter itself keeps its plain shape.
+    On CUDA its GEMM runs against the weight zero-padded to a multiple of 64 rows
+    (:class:`AlignedLinear`), so the output rows and the z/xBC/dt slices start 16-byte aligned
+    (no align-1 GEMMs, no misaligned views for compiled kernels); the parameter itself keeps its
+    plain shape.
 
     Parameters (roughly ``3 D d_inner`` for expand=2, i.e. ~6 D^2):
     ``in_proj`` D x (2 d_inner + 2 G N + H), ``conv1d`` (d_inner + 2 G N) x (d_conv + 1),
@@ -388,12 +423,12 @@ class Mamba2Mixer(nn.Module):
         self.d_inner, self.n_heads = d_inner, n_heads
         self.conv_dim = d_inner + 2 * n_groups * d_state
 
-        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * n_groups * d_state + n_heads,
-                                 bias=False)
+        self.in_proj = AlignedLinear(d_model, 2 * d_inner + 2 * n_groups * d_state + n_heads,
+                                     bias=False)
         # No padding here: forward prepends the d_conv - 1 past inputs (zeros or the cache), so
         # the conv yields exactly T outputs.
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
-                                bias=True)
+        self.conv1d = CausalDepthwiseConv1d(self.conv_dim, self.conv_dim, d_conv,
+                                            groups=self.conv_dim, bias=True)
         # softplus(dt_bias) log-uniform in [dt_min, dt_max], floored at dt_init_floor
         dt = torch.exp(torch.rand(n_heads) * (math.log(dt_max) - math.log(dt_min))
                        + math.log(dt_min)).clamp(min=dt_init_floor)
@@ -428,12 +463,7 @@ class Mamba2Mixer(nn.Module):
                 full = torch.cat([cache.conv_state.transpose(1, 2).to(xBC.dtype), xBC], dim=1)
             if cache is not None:
                 cache.conv_state = full[:, full.shape[1] - k:].transpose(1, 2)
-            T = xBC.shape[1]
-            w = self.conv1d.weight[:, 0, :].to(xBC.dtype)        # (C, d_conv)
-            out = self.conv1d.bias.to(xBC.dtype) + full[:, k:k + T] * w[:, k]
-            for j in range(k):
-                out = out + full[:, j:j + T] * w[:, j]
-            return F.silu(out)
+            return F.silu(self.conv1d(full, channels_last=True))
         xt = xBC.transpose(1, 2)                                   # (B, conv_dim, T)
         if cache is None or cache.conv_state is None:
             full = F.pad(xt, (k, 0))
@@ -452,19 +482,10 @@ class Mamba2Mixer(nn.Module):
             check_chunk_size(self.chunk_size)
         return path
 
-    def _in_proj(self, a: Tensor) -> Tensor:
-        """``in_proj(a)``, on CUDA through the weight padded to a multiple of 64 output rows
-        (see the class docstring); returns the first ``out_features`` columns, a view whose rows
-        are 16-byte aligned. A tensor-parallel in_proj (not an nn.Linear) runs as it is."""
-        lin = self.in_proj
-        if type(lin) is not nn.Linear or not a.is_cuda:
-            return lin(a)
-        return padded_linear(a, lin.weight, multiple=64)
-
     def forward(self, a: Tensor, cache: Mamba2Cache | None = None) -> Tensor:
         b, T, _ = a.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        z, xBC, dt_raw = self._in_proj(a).split([self.d_inner, self.conv_dim, H], dim=-1)
+        z, xBC, dt_raw = self.in_proj(a).split([self.d_inner, self.conv_dim, H], dim=-1)
         x, Bm, Cm = self._conv(xBC, cache).split([self.d_inner, G * N, G * N], dim=-1)
         x = x.view(b, T, H, P)
         acc = _acc_dtype(a.dtype)

@@ -52,7 +52,7 @@ def test_fast_mixer_matches_reference_bf16(impl: str) -> None:
 def test_in_proj_output_rows_are_aligned() -> None:
     m = _m125_mixer("triton").to(torch.bfloat16)
     assert m.in_proj.out_features % 2 == 1                 # 3611: the odd width of the crash
-    out = m._in_proj(torch.randn(2, 8, 864, device="cuda", dtype=torch.bfloat16))
+    out = m.in_proj(torch.randn(2, 8, 864, device="cuda", dtype=torch.bfloat16))
     assert out.stride(-2) % 64 == 0 and out.data_ptr() % 16 == 0
     z, xBC, dt = out.split([m.d_inner, m.conv_dim, m.n_heads], dim=-1)
     assert all(t.data_ptr() % 16 == 0 for t in (z, xBC, dt))

@@ -314,3 +314,15 @@ def test_shift_conv_equals_conv1d_forward_decode_and_grads(d_conv: int) -> None:
     assert torch.allclose(torch.cat(parts, dim=1), ya, atol=1e-10)
     with pytest.raises(ValueError, match="unknown Mamba2 conv_impl"):
         small_mixer(conv_impl="cudnn")
+
+
+@pytest.mark.parametrize("conv_impl", ["conv1d", "shifts"])
+def test_parameters_are_used_through_module_calls(conv_impl: str) -> None:
+    """in_proj and conv1d run as module calls on every path (ZeRO-3 gathers a module's
+    parameters in its forward hooks; a bare ``.weight`` read would see an empty shard)."""
+    m = small_mixer(conv_impl=conv_impl)
+    seen = []
+    for name in ("in_proj", "conv1d", "out_proj"):
+        getattr(m, name).register_forward_pre_hook(lambda mod, args, n=name: seen.append(n))
+    m(torch.randn(1, 6, 16, dtype=F64))
+    assert seen == ["in_proj", "conv1d", "out_proj"]
