@@ -204,16 +204,21 @@ def ssd_chunked(
     return y.to(x.dtype), final
 
 
+@torch.compiler.disable
 def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Our Triton SSD (``sessa_kernels.ssd_triton``), forward and backward; same arguments and
     results as :func:`ssd_chunked`. Runs eagerly inside a compiled block (a graph break):
     inductor's alignment/stride hints never reach the hand-written kernels."""
-    from sessa_kernels.ssd_triton import ssd_triton as kernel
+    try:
+        from sessa_kernels.ssd_triton import ssd_triton as kernel
+    except ImportError as err:
+        raise ImportError("model.mamba2.impl=triton needs triton (pip install "
+                          "'sessa_pt[kernels]'); or use impl=chunked") from err
+    return kernel(x, dt, A, B, C, chunk_size, initial_state)
 
-    return torch.compiler.disable(kernel)(x, dt, A, B, C, chunk_size, initial_state)
 
-
+@torch.compiler.disable
 def ssd_fla(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
             initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The SSD through flash-linear-attention's ``chunk_simple_gla`` (pure Triton): the SSD is
@@ -233,7 +238,7 @@ def ssd_fla(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     g = (dt.float() * A.float()).contiguous()
     # fla's state is (B, H, K, V) = (b, H, N, P): ours transposed
     h0 = None if initial_state is None else initial_state.transpose(-1, -2).float().contiguous()
-    y, final = torch.compiler.disable(chunk_simple_gla)(
+    y, final = chunk_simple_gla(
         q.contiguous(), k.contiguous(), v.contiguous(), g, scale=1.0, initial_state=h0,
         output_final_state=True)
     return y.to(x.dtype), final.transpose(-1, -2).float()
