@@ -50,6 +50,11 @@ def _warps(g: dict) -> int:
     return 4 if g["BN"] * g["BP"] <= 64 * 64 else 8
 
 
+# The group kernels loop over heads with several (L, P) / (P, N) tiles per iteration; two
+# pipeline stages (num_stages=2) keep their shared-memory buffers well inside Hopper's 228 KB
+# (three stages of the backward's tiles would come near it at d_state 128).
+
+
 class _SSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, initial_state, chunk_size):
@@ -80,7 +85,7 @@ class _SSD(torch.autograd.Function):
             y = x.new_empty((b, T, H, P))
             kern.chunk_scan_fwd[(b * G, c)](
                 x, dt_p, acum, B, C, states, y, T, Tp, H, G, g["HG"], P, N, *sx, *sb,
-                *y.stride(), num_warps=_warps(g), **common)
+                *y.stride(), num_warps=_warps(g), num_stages=2, **common)
         ctx.save_for_backward(x, dt_p, Af, B, C, acum, states)
         ctx.geom, ctx.has_init = g, initial_state is not None
         ctx.dtypes = (dt.dtype, A.dtype, None if initial_state is None else initial_state.dtype)
@@ -115,12 +120,12 @@ class _SSD(torch.autograd.Function):
             ddt_x = x.new_empty((b, H, Tp), dtype=torch.float32)
             kern.chunk_dx_bwd[(b * G, c)](
                 x, dt_p, acum, B, C, dy, d, dx, ddt_x, T, Tp, H, G, g["HG"], P, N,
-                *sx, *sb, *sy, *dx.stride(), num_warps=_warps(g), **common)
+                *sx, *sb, *sy, *dx.stride(), num_warps=_warps(g), num_stages=2, **common)
             dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
             dacum = x.new_empty((b, H, Tp), dtype=torch.float32)
             kern.chunk_dbc_bwd[(b * G, c)](
                 x, dt_p, acum, B, C, dy, ent, d, dB, dC, dacum, T, Tp, H, G, g["HG"], P, N,
-                *sx, *sb, *sy, *dB.stride(), num_warps=8, **common)
+                *sx, *sb, *sy, *dB.stride(), num_warps=8, num_stages=2, **common)
         # the chunk decay exp(alast) also scales the state passed on (state_pass_bwd's dg)
         dacum = dacum.view(b, H, c, L)
         alast = acum.view(b, H, c, L)[..., -1]
