@@ -222,10 +222,10 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_siz
 def ssd_fla(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
             initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The SSD through flash-linear-attention's ``chunk_simple_gla`` (pure Triton): the SSD is
-    its scalar-decay case with q = C, k = B, v = x dt, log-decay g = dt A and scale 1. fla fixes
-    its own chunk length (``chunk_size`` is ignored); B/C groups are expanded to the heads.
-    Its backward needs triton >= 3.7.1 on Hopper (fla refuses older ones there, fla#640)."""
-    del chunk_size
+    its scalar-decay case with q = C, k = B, v = x dt, log-decay g = dt A and scale 1, with the
+    state kept in our (P, N) layout (fla 0.6's ``state_v_first``); B/C groups are expanded to the
+    heads. Its backward needs triton >= 3.7.1 on Hopper (fla refuses older ones there, fla#640).
+    """
     try:
         from fla.ops.simple_gla import chunk_simple_gla
     except ImportError as err:
@@ -236,12 +236,11 @@ def ssd_fla(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: 
     q, k = (t.repeat_interleave(hg, dim=2) if hg > 1 else t for t in (C, B))
     v = (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype)
     g = (dt.float() * A.float()).contiguous()
-    # fla's state is (B, H, K, V) = (b, H, N, P): ours transposed
-    h0 = None if initial_state is None else initial_state.transpose(-1, -2).float().contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
     y, final = chunk_simple_gla(
         q.contiguous(), k.contiguous(), v.contiguous(), g, scale=1.0, initial_state=h0,
-        output_final_state=True)
-    return y.to(x.dtype), final.transpose(-1, -2).float()
+        output_final_state=True, state_v_first=True, chunk_size=chunk_size)
+    return y.to(x.dtype), final.float()
 
 
 SSD_IMPLS = {"chunked": ssd_chunked, "sequential": ssd_sequential, "triton": ssd_triton,

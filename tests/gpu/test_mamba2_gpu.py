@@ -102,3 +102,29 @@ def test_compiled_m125_mamba2_block_each_path(impl: str, conv_impl: str) -> None
     torch.cuda.synchronize()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
     assert _rel(y, y_eager) < 2e-2
+
+
+def test_fla_ssd_forward_matches_reference() -> None:
+    """impl=fla (where fla-core is installed): the SSD forward against ssd_chunked in float64;
+    and, on triton >= 3.7.1, the gradients too (older triton: fla refuses its backward)."""
+    pytest.importorskip("fla.ops.simple_gla")
+    import triton
+
+    from sessa_pt.models.mamba2 import _FLA_MIN_TRITON, _version_tuple, ssd_chunked, ssd_fla
+
+    g = torch.Generator().manual_seed(0)
+    b, T, H, P, G, N = 2, 1000, 8, 64, 2, 64
+    x = torch.randn(b, T, H, P, generator=g).cuda().bfloat16()
+    dt = (0.001 + 0.1 * torch.rand(b, T, H, generator=g)).cuda()
+    A = -(0.5 + torch.rand(H, generator=g)).cuda()
+    B = torch.randn(b, T, G, N, generator=g).cuda().bfloat16()
+    C = torch.randn(b, T, G, N, generator=g).cuda().bfloat16()
+    h0 = torch.randn(b, H, P, N, generator=g).cuda()
+    ref = ssd_chunked(*(t.double() for t in (x, dt, A, B, C)), 64, initial_state=h0.double())
+    train = _version_tuple(triton.__version__) >= _FLA_MIN_TRITON
+    leaves = [t.clone().requires_grad_(train) for t in (x, dt, A, B, C)]
+    y, final = ssd_fla(*leaves, 64, initial_state=h0)
+    assert _rel(y, ref[0]) < 2e-2 and _rel(final, ref[1]) < 2e-2
+    if train:
+        (y.float().square().sum() + final.square().sum()).backward()
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
