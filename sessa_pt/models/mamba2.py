@@ -258,6 +258,10 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+# Under torch.compile the probing below (imports, version strings) would break the graph of
+# every mixer; its answer depends only on the installed packages, so dynamo takes it as a
+# constant (called eagerly while tracing).
+@torch.compiler.assume_constant_result
 def resolve_ssd_impl(impl: str, device: torch.device | str) -> str:
     """The SSD path that ``impl`` selects on ``device``.
 
@@ -288,6 +292,17 @@ def resolve_ssd_impl(impl: str, device: torch.device | str) -> str:
         except ImportError:
             pass
     return "triton"
+
+
+@torch.compiler.assume_constant_result
+def _checked_ssd_path(impl: str, chunk_size: int, device: torch.device | str) -> str:
+    """:func:`resolve_ssd_impl`, and a clear error where the Triton SSD cannot tile the chunk."""
+    path = resolve_ssd_impl(impl, device)
+    if path == "triton":
+        from sessa_kernels.ssd_triton import check_chunk_size
+
+        check_chunk_size(chunk_size)
+    return path
 
 
 def padded_linear(a: Tensor, weight: Tensor, multiple: int = 64) -> Tensor:
@@ -479,12 +494,7 @@ class Mamba2Mixer(nn.Module):
 
     def ssd_path(self, device: torch.device | str) -> str:
         """The SSD implementation the parallel forward takes on ``device``."""
-        path = resolve_ssd_impl(self.impl, device)
-        if path == "triton":
-            from sessa_kernels.ssd_triton import check_chunk_size
-
-            check_chunk_size(self.chunk_size)
-        return path
+        return _checked_ssd_path(self.impl, self.chunk_size, device)
 
     def forward(self, a: Tensor, cache: Mamba2Cache | None = None) -> Tensor:
         b, T, _ = a.shape
@@ -497,8 +507,9 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log.to(acc))
         # one token with a cache: the recurrent step (the scan of one token), on any device
         path = "sequential" if (cache is not None and T == 1) else self.ssd_path(a.device)
-        y, state = SSD_IMPLS[path](x, dt, A, Bm.view(b, T, G, N), Cm.view(b, T, G, N), self.chunk_size,
-                       initial_state=None if cache is None else cache.ssm_state)
+        y, state = SSD_IMPLS[path](x, dt, A, Bm.view(b, T, G, N), Cm.view(b, T, G, N),
+                                   self.chunk_size,
+                                   initial_state=None if cache is None else cache.ssm_state)
         if cache is not None:
             cache.ssm_state, cache.length = state, cache.length + T
         y = (y + x * self.D_skip.to(x.dtype).unsqueeze(-1)).reshape(b, T, self.d_inner)

@@ -326,3 +326,22 @@ def test_parameters_are_used_through_module_calls(conv_impl: str) -> None:
         getattr(m, name).register_forward_pre_hook(lambda mod, args, n=name: seen.append(n))
     m(torch.randn(1, 6, 16, dtype=F64))
     assert seen == ["in_proj", "conv1d", "out_proj"]
+
+
+def test_path_resolution_is_a_constant_under_compile() -> None:
+    """Probing the installed packages for impl=auto on CUDA (imports, versions) must not break
+    every compiled mixer's graph: dynamo takes the answer as a constant."""
+    from torch._dynamo.utils import counters
+
+    from sessa_pt.models.mamba2 import _checked_ssd_path, resolve_ssd_impl
+
+    def f(x):
+        p = resolve_ssd_impl("auto", torch.device("cuda"))
+        q = _checked_ssd_path("auto", 64, torch.device("cuda"))
+        return x + len(p) + len(q)
+
+    torch._dynamo.reset()
+    counters.clear()
+    want = f(torch.zeros(2))
+    assert torch.equal(torch.compile(f, backend="eager")(torch.zeros(2)), want)
+    assert not counters["graph_break"]
