@@ -162,4 +162,6 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_siz
         init = (x.new_zeros((b, H, P, N), dtype=torch.float32) if initial_state is None
                 else initial_state.float())
         return x.new_zeros(x.shape), init
+    # the kernels' products take both operands in x's dtype
+    B, C = B.to(x.dtype), C.to(x.dtype)
     return _SSD.apply(x, dt, A, B, C, initial_state, chunk_size)
