@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sessa_pt.models.rope import apply_rope
+from sessa_pt.models.rope import apply_rope_from
 
 
 class SeqBuffer:
@@ -67,20 +67,38 @@ class KVCache:
         return self.keys.append(k), self.values.append(v)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, n_past: int) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v over keys j <= n_past + t. q (B,H,T,d); k, v (B,Hkv,P+T,d)."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, n_past: int,
+                     pad_head_dim: int | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over keys j <= n_past + t. q (B,H,T,d); k, v (B,Hkv,P+T,d).
+
+    ``pad_head_dim``: zero-pad d to a multiple of this (the scale stays 1/sqrt(d); zero columns
+    change no score and only add zero output columns, sliced off). Default: 8 on CUDA, where the
+    fused attention kernels (cuDNN, flash) want d % 8 == 0 (d = 54 at recipes/m125's
+    transformer_mlp); under torch.compile the pad fuses into the RoPE kernel. None elsewhere.
+    """
     H, Hkv = q.shape[1], k.shape[1]
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
+    d = q.shape[-1]
+    multiple = pad_head_dim if pad_head_dim is not None else (8 if q.is_cuda else 1)
+    if d % multiple:
+        extra = -d % multiple
+        q, k, v = (F.pad(t, (0, extra)) for t in (q, k, v))
+        return _sdpa_causal(q, k, v, n_past, scale=d ** -0.5)[..., :d]
+    return _sdpa_causal(q, k, v, n_past)
+
+
+def _sdpa_causal(q: Tensor, k: Tensor, v: Tensor, n_past: int, scale: float | None = None
+                 ) -> Tensor:
     T, S = q.shape[2], k.shape[2]
     if n_past == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=scale)
     if T == 1:   # one new token sees the whole cache
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     row = torch.arange(T, device=q.device).unsqueeze(1) + n_past
     mask = torch.arange(S, device=q.device).unsqueeze(0) <= row
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class AttentionMixer(nn.Module):
@@ -130,8 +148,8 @@ class AttentionMixer(nn.Module):
         k = self.k_proj(a).view(B, T, -1, self.head_dim)
         v = self.v_proj(a).view(B, T, -1, self.head_dim)
         if self.use_rope:
-            pos = torch.arange(n_past, n_past + T, device=a.device)
-            q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+            q = apply_rope_from(q, n_past, self.rope_base)
+            k = apply_rope_from(k, n_past, self.rope_base)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.append(k, v)

@@ -32,7 +32,14 @@ class Mamba2Options:
     head_dim: int = 64
     n_groups: int = 1
     chunk_size: int = 64
-    impl: str = "chunked"               # chunked (SSD) | sequential (reference scan)
+    # SSD path of the parallel forward: auto (CUDA: fla where triton >= 3.7.1 and fla is
+    # installed, else our Triton kernels; CPU: chunked) | chunked (PyTorch SSD, the reference)
+    # | sequential (reference scan) | triton (our Triton SSD, CUDA; chunk_size a power of two in
+    # 16..256) | fla (flash-linear-attention's chunk_simple_gla, CUDA). The run's log says which.
+    impl: str = "auto"
+    # causal depthwise conv: conv1d (nn.Conv1d, cuDNN on GPU, channels-first transposes) |
+    # shifts (d_conv shifted multiply-adds in the (B, T, C) layout; fuses under compile)
+    conv_impl: str = "conv1d"
 
 
 @dataclass
@@ -83,6 +90,20 @@ class ModelConfig:
             if d_inner % self.mamba2.head_dim:
                 errors.append(f"mamba2: expand*d_model={d_inner} must be divisible by "
                               f"mamba2.head_dim={self.mamba2.head_dim}")
+            from sessa_pt.models.mamba2 import MAMBA2_IMPLS
+
+            if self.mamba2.impl not in MAMBA2_IMPLS:
+                errors.append(f"unknown model.mamba2.impl {self.mamba2.impl!r}: choose from "
+                              f"{MAMBA2_IMPLS}")
+            from sessa_pt.models.mamba2 import MAMBA2_CONV_IMPLS
+
+            if self.mamba2.conv_impl not in MAMBA2_CONV_IMPLS:
+                errors.append(f"unknown model.mamba2.conv_impl {self.mamba2.conv_impl!r}: "
+                              f"choose from {MAMBA2_CONV_IMPLS}")
+            c = self.mamba2.chunk_size
+            if self.mamba2.impl == "triton" and (c < 16 or c > 256 or c & (c - 1)):
+                errors.append(f"model.mamba2.impl=triton needs chunk_size a power of two in "
+                              f"16..256, got {c}")
         if errors:
             raise ValueError("invalid model config:\n  - " + "\n  - ".join(errors))
         return self

@@ -36,7 +36,7 @@ def build_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
         o = cfg.mamba2
         return Mamba2Mixer(cfg.d_model, d_state=o.d_state, d_conv=o.d_conv, expand=o.expand,
                            head_dim=o.head_dim, n_groups=o.n_groups, chunk_size=o.chunk_size,
-                           impl=o.impl)
+                           impl=o.impl, conv_impl=o.conv_impl)
     raise ValueError(f"unknown mixer {kind!r}")
 
 
@@ -78,28 +78,57 @@ def lm_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> 
     return (ce * m).sum() / m.sum().clamp_min(1.0)
 
 
-def _masked_ce_sum(h: Tensor, weight: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
-    logits = F.linear(h, weight).float()
-    return (F.cross_entropy(logits, labels, reduction="none") * mask).sum()
+class _FusedLinearCE(torch.autograd.Function):
+    """sum_i w_i CE(h_i W^T, y_i), chunk by chunk, with the gradients made in the forward.
+
+    Per chunk of rows: logits = h_c W^T (the input dtype: tensor cores under bf16), the loss and
+    its logit gradient in one in-place pass (``sessa_kernels.ce_triton``), then dh_c = g W and
+    dW += g^T h_c (each chunk's product in the input dtype, the running sum in float32). The
+    backward only scales them by the incoming gradient: the matmul work is the unfused loss's
+    (no recomputation), and one chunk of logits is alive at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, labels, weights, chunk_tokens):
+        from sessa_kernels.ce_triton import cross_entropy_grad_
+
+        dh = torch.empty_like(h)
+        dw = torch.zeros(weight.shape, device=weight.device,
+                         dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        total = h.new_zeros((), dtype=dw.dtype)
+        for i in range(0, h.shape[0], chunk_tokens):
+            hc = h[i:i + chunk_tokens]
+            logits = F.linear(hc, weight)
+            total = total + cross_entropy_grad_(logits, labels[i:i + chunk_tokens],
+                                                weights[i:i + chunk_tokens])
+            g = logits.to(hc.dtype) if logits.dtype != hc.dtype else logits
+            dh[i:i + chunk_tokens] = g @ weight.to(g.dtype)
+            dw += (g.t() @ hc.to(g.dtype)).to(dw.dtype)
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        dh, dw = ctx.saved_tensors
+        return (dh * grad_total.to(dh.dtype), (dw * grad_total).to(ctx.weight_dtype), None,
+                None, None)
 
 
 def chunked_lm_loss(h: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor | None = None,
                     chunk_tokens: int = 8192) -> Tensor:
-    """``lm_loss(F.linear(h, weight), labels, loss_mask)`` without holding all logits: the
-    logits of ``chunk_tokens`` positions at a time are made, reduced to a loss sum and freed,
-    and the backward recomputes them (activation checkpointing). With a 32k vocabulary the fp32
-    logits of 128k tokens alone are 17 GB; this keeps one chunk's."""
-    from torch.utils.checkpoint import checkpoint
-
+    """``lm_loss(F.linear(h, weight), labels, loss_mask)`` without holding all logits: a fused
+    linear + cross-entropy over ``chunk_tokens`` positions at a time (:class:`_FusedLinearCE`).
+    With a 32k vocabulary the fp32 logits of 128k tokens alone are 17 GB; this keeps one
+    chunk's logits (in the activation dtype), plus dh and a float32 dW until the backward."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     h2, y = h.flatten(0, -2), labels.flatten()
     m = torch.ones_like(y, dtype=torch.float32) if loss_mask is None else \
         loss_mask.flatten().float()
-    total = h2.new_zeros((), dtype=torch.float32)
-    for i in range(0, h2.shape[0], chunk_tokens):
-        sl = slice(i, i + chunk_tokens)
-        total = total + checkpoint(_masked_ce_sum, h2[sl], weight, y[sl], m[sl],
-                                   use_reentrant=False)
-    return total / m.sum().clamp_min(1.0)
+    denom = m.sum().clamp_min(1.0)
+    # The loss is a reduction: the per-row weights m / denom make the result the masked mean.
+    return _FusedLinearCE.apply(h2, weight, y, m / denom, chunk_tokens)   # float32 (float64)
 
 
 def build_stage(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MAMBA2_IMPLS = ("chunked", "sequential")
+MAMBA2_IMPLS = ("auto", "chunked", "sequential", "triton", "fla")
+MAMBA2_CONV_IMPLS = ("conv1d", "shifts")
 
 
 @dataclass
@@ -203,7 +204,150 @@ def ssd_chunked(
     return y.to(x.dtype), final
 
 
-SSD_IMPLS = {"chunked": ssd_chunked, "sequential": ssd_sequential}
+@torch.compiler.disable
+def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
+               initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Our Triton SSD (``sessa_kernels.ssd_triton``), forward and backward; same arguments and
+    results as :func:`ssd_chunked`. Runs eagerly inside a compiled block (a graph break):
+    inductor's alignment/stride hints never reach the hand-written kernels."""
+    try:
+        from sessa_kernels.ssd_triton import ssd_triton as kernel
+    except ImportError as err:
+        raise ImportError("model.mamba2.impl=triton needs triton (pip install "
+                          "'sessa_pt[kernels]'); or use impl=chunked") from err
+    return kernel(x, dt, A, B, C, chunk_size, initial_state)
+
+
+@torch.compiler.disable
+def ssd_fla(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
+            initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The SSD through flash-linear-attention's ``chunk_simple_gla`` (pure Triton): the SSD is
+    its scalar-decay case with q = C, k = B, v = x dt, log-decay g = dt A and scale 1, with the
+    state kept in our (P, N) layout (fla 0.6's ``state_v_first``); B/C groups are expanded to the
+    heads. Its backward needs triton >= 3.7.1 on Hopper (fla refuses older ones there, fla#640).
+    """
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError as err:
+        raise ImportError("model.mamba2.impl=fla needs flash-linear-attention "
+                          "(pip install 'sessa_pt[fla]'); or use impl=triton") from err
+    _check_ssd_inputs(x, dt, A, B, C, initial_state)
+    hg = x.shape[2] // B.shape[2]
+    q, k = (t.repeat_interleave(hg, dim=2) if hg > 1 else t for t in (C, B))
+    v = (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype)
+    g = (dt.float() * A.float()).contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    y, final = chunk_simple_gla(
+        q.contiguous(), k.contiguous(), v.contiguous(), g, scale=1.0, initial_state=h0,
+        output_final_state=True, state_v_first=True, chunk_size=chunk_size)
+    return y.to(x.dtype), final.float()
+
+
+SSD_IMPLS = {"chunked": ssd_chunked, "sequential": ssd_sequential, "triton": ssd_triton,
+             "fla": ssd_fla}
+
+# fla's gated backward is miscompiled by triton < 3.7.1 on Hopper (fla#640)
+_FLA_MIN_TRITON = (3, 7, 1)
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+# Under torch.compile the probing below (imports, version strings) would break the graph of
+# every mixer; its answer depends only on the installed packages, so dynamo takes it as a
+# constant (called eagerly while tracing).
+@torch.compiler.assume_constant_result
+def resolve_ssd_impl(impl: str, device: torch.device | str) -> str:
+    """The SSD path that ``impl`` selects on ``device``.
+
+    ``auto``: on CUDA, fla's ``chunk_simple_gla`` where it is installed and triton >= 3.7.1,
+    else our Triton kernels where triton is installed, else the PyTorch ``chunked`` SSD; off
+    CUDA always ``chunked``. Explicit ``triton``/``fla`` off CUDA raise (the interpreter is for
+    tests, which call the kernels directly)."""
+    if impl not in MAMBA2_IMPLS:
+        raise ValueError(f"unknown Mamba2 impl {impl!r}; choose one of {MAMBA2_IMPLS}")
+    cuda = torch.device(device).type == "cuda"
+    if impl in ("chunked", "sequential"):
+        return impl
+    if impl in ("triton", "fla") and not cuda:
+        raise ValueError(f"model.mamba2.impl={impl} runs on CUDA GPUs only (this run is on "
+                         f"{device}); use impl=auto or impl=chunked")
+    if impl != "auto":
+        return impl
+    if not cuda:
+        return "chunked"
+    try:
+        import triton
+    except ImportError:
+        return "chunked"
+    if _version_tuple(triton.__version__) >= _FLA_MIN_TRITON:
+        try:
+            import fla.ops.simple_gla  # noqa: F401
+            return "fla"
+        except ImportError:
+            pass
+    return "triton"
+
+
+@torch.compiler.assume_constant_result
+def _checked_ssd_path(impl: str, chunk_size: int, device: torch.device | str) -> str:
+    """:func:`resolve_ssd_impl`, and a clear error where the Triton SSD cannot tile the chunk."""
+    path = resolve_ssd_impl(impl, device)
+    if path == "triton":
+        from sessa_kernels.ssd_triton import check_chunk_size
+
+        check_chunk_size(chunk_size)
+    return path
+
+
+def padded_linear(a: Tensor, weight: Tensor, multiple: int = 64) -> Tensor:
+    """``a @ weight.T`` computed with ``weight``'s rows zero-padded to a multiple of
+    ``multiple``; returns the true columns as a view of the padded output, so every row starts
+    at an aligned address and the GEMM has an aligned width (its gradient reaches ``weight``
+    through the pad)."""
+    width = weight.shape[0]
+    if width % multiple == 0:
+        return F.linear(a, weight)
+    return F.linear(a, F.pad(weight, (0, 0, 0, -width % multiple)))[..., :width]
+
+
+class AlignedLinear(nn.Linear):
+    """nn.Linear whose CUDA GEMM runs through :func:`padded_linear` (rows padded to a multiple
+    of ``multiple``): the output is a view of an aligned buffer. Same parameters and state dict
+    as nn.Linear; it stays a module call, so hooks on it (ZeRO-3 gathering) still run."""
+
+    multiple = 64
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_cuda or self.out_features % self.multiple == 0:
+            return super().forward(x)
+        out = padded_linear(x, self.weight, self.multiple)
+        return out if self.bias is None else out + self.bias
+
+
+class CausalDepthwiseConv1d(nn.Conv1d):
+    """nn.Conv1d (depthwise, no padding) that also takes the channels-last layout:
+    ``forward(x, channels_last=True)`` maps (B, T + K - 1, C) to (B, T, C) as K shifted
+    multiply-adds, no transposes. Same parameters as nn.Conv1d; both layouts go through the
+    module call, so hooks on it (ZeRO-3 gathering) run."""
+
+    def forward(self, x: Tensor, channels_last: bool = False) -> Tensor:
+        if not channels_last:
+            return super().forward(x)
+        K = self.kernel_size[0]
+        T = x.shape[1] - (K - 1)
+        w = self.weight[:, 0, :].to(x.dtype)                       # (C, K)
+        out = x[:, K - 1:K - 1 + T] * w[:, K - 1]
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        for j in range(K - 1):
+            out = out + x[:, j:j + T] * w[:, j]
+        return out
 
 
 class GatedRMSNorm(nn.Module):
@@ -229,7 +373,16 @@ class Mamba2Mixer(nn.Module):
 
     ``d_inner = expand * d_model`` channels in ``H = d_inner / head_dim`` heads; ``n_groups``
     groups of B/C of size ``d_state`` shared by ``H / n_groups`` heads each. ``impl`` picks the
-    SSM algorithm of the parallel forward: ``"chunked"`` (SSD) or ``"sequential"`` (the scan).
+    SSM algorithm of the parallel forward: ``"chunked"`` (PyTorch SSD), ``"sequential"`` (the
+    scan), ``"triton"`` (our Triton SSD), ``"fla"`` (flash-linear-attention) or ``"auto"``
+    (:func:`resolve_ssd_impl`, per device at forward time). Decoding (T == 1 with a cache) always
+    takes the recurrent step.
+
+    ``in_proj``'s output width ``2 E + 2 G N + H`` is odd for many sizes (3611 at d_model 864).
+    On CUDA its GEMM runs against the weight zero-padded to a multiple of 64 rows
+    (:class:`AlignedLinear`), so the output rows and the z/xBC/dt slices start 16-byte aligned
+    (no align-1 GEMMs, no misaligned views for compiled kernels); the parameter itself keeps its
+    plain shape.
 
     Parameters (roughly ``3 D d_inner`` for expand=2, i.e. ~6 D^2):
     ``in_proj`` D x (2 d_inner + 2 G N + H), ``conv1d`` (d_inner + 2 G N) x (d_conv + 1),
@@ -252,6 +405,7 @@ class Mamba2Mixer(nn.Module):
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
         impl: str = "chunked",
+        conv_impl: str = "conv1d",
     ) -> None:
         super().__init__()
         for name, v in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv),
@@ -274,18 +428,26 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(f"dt_init_floor must be > 0, got {dt_init_floor}")
         if impl not in MAMBA2_IMPLS:
             raise ValueError(f"unknown Mamba2 impl {impl!r}; choose one of {MAMBA2_IMPLS}")
+        if conv_impl not in MAMBA2_CONV_IMPLS:
+            raise ValueError(f"unknown Mamba2 conv_impl {conv_impl!r}; choose one of "
+                             f"{MAMBA2_CONV_IMPLS}")
+        self.conv_impl = conv_impl
+        if impl == "triton":
+            from sessa_kernels.ssd_triton import check_chunk_size
+
+            check_chunk_size(chunk_size)
         self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
         self.head_dim, self.n_groups, self.chunk_size, self.impl = (head_dim, n_groups,
                                                                     chunk_size, impl)
         self.d_inner, self.n_heads = d_inner, n_heads
         self.conv_dim = d_inner + 2 * n_groups * d_state
 
-        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * n_groups * d_state + n_heads,
-                                 bias=False)
+        self.in_proj = AlignedLinear(d_model, 2 * d_inner + 2 * n_groups * d_state + n_heads,
+                                     bias=False)
         # No padding here: forward prepends the d_conv - 1 past inputs (zeros or the cache), so
         # the conv yields exactly T outputs.
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
-                                bias=True)
+        self.conv1d = CausalDepthwiseConv1d(self.conv_dim, self.conv_dim, d_conv,
+                                            groups=self.conv_dim, bias=True)
         # softplus(dt_bias) log-uniform in [dt_min, dt_max], floored at dt_init_floor
         dt = torch.exp(torch.rand(n_heads) * (math.log(dt_max) - math.log(dt_min))
                        + math.log(dt_min)).clamp(min=dt_init_floor)
@@ -307,9 +469,21 @@ class Mamba2Mixer(nn.Module):
         return Mamba2Cache()
 
     def _conv(self, xBC: Tensor, cache: Mamba2Cache | None) -> Tensor:
-        """Causal depthwise conv + SiLU over (B, T, conv_dim); updates the cache's conv state."""
-        xt = xBC.transpose(1, 2)                                   # (B, conv_dim, T)
+        """Causal depthwise conv + SiLU over (B, T, conv_dim); updates the cache's conv state.
+
+        ``conv_impl="conv1d"``: nn.Conv1d (cuDNN on GPU) on the channels-first transpose;
+        ``"shifts"``: the same sum as d_conv shifted multiply-adds in the (B, T, C) layout,
+        no transposes (under torch.compile one fused elementwise kernel each way)."""
         k = self.d_conv - 1
+        if self.conv_impl == "shifts":
+            if cache is None or cache.conv_state is None:
+                full = F.pad(xBC, (0, 0, k, 0))                   # (B, k + T, C)
+            else:
+                full = torch.cat([cache.conv_state.transpose(1, 2).to(xBC.dtype), xBC], dim=1)
+            if cache is not None:
+                cache.conv_state = full[:, full.shape[1] - k:].transpose(1, 2)
+            return F.silu(self.conv1d(full, channels_last=True))
+        xt = xBC.transpose(1, 2)                                   # (B, conv_dim, T)
         if cache is None or cache.conv_state is None:
             full = F.pad(xt, (k, 0))
         else:
@@ -317,6 +491,10 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             cache.conv_state = full[..., full.shape[-1] - k:]
         return F.silu(self.conv1d(full)).transpose(1, 2)
+
+    def ssd_path(self, device: torch.device | str) -> str:
+        """The SSD implementation the parallel forward takes on ``device``."""
+        return _checked_ssd_path(self.impl, self.chunk_size, device)
 
     def forward(self, a: Tensor, cache: Mamba2Cache | None = None) -> Tensor:
         b, T, _ = a.shape
@@ -327,9 +505,11 @@ class Mamba2Mixer(nn.Module):
         acc = _acc_dtype(a.dtype)
         dt = F.softplus(dt_raw.to(acc) + self.dt_bias.to(acc))
         A = -torch.exp(self.A_log.to(acc))
-        ssd = SSD_IMPLS[self.impl]
-        y, state = ssd(x, dt, A, Bm.view(b, T, G, N), Cm.view(b, T, G, N), self.chunk_size,
-                       initial_state=None if cache is None else cache.ssm_state)
+        # one token with a cache: the recurrent step (the scan of one token), on any device
+        path = "sequential" if (cache is not None and T == 1) else self.ssd_path(a.device)
+        y, state = SSD_IMPLS[path](x, dt, A, Bm.view(b, T, G, N), Cm.view(b, T, G, N),
+                                   self.chunk_size,
+                                   initial_state=None if cache is None else cache.ssm_state)
         if cache is not None:
             cache.ssm_state, cache.length = state, cache.length + T
         y = (y + x * self.D_skip.to(x.dtype).unsqueeze(-1)).reshape(b, T, self.d_inner)
@@ -355,6 +535,7 @@ class Mamba2Mixer(nn.Module):
         conv = 2 * K * (E + 2 * G * N)
         if self.impl == "sequential":
             return float(proj + conv + 2 * H * P * N)
+        # chunked, triton, fla and auto all count the chunked SSD's products
         L = min(self.chunk_size, T)
         c = -(-T // L)
         per_padded_token = 2 * L * G * N + 2 * L * H * P + 4 * H * P * N

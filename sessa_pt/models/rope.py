@@ -2,12 +2,23 @@
 
 Angles, cos and sin are computed in float32 whatever the activation dtype: in bf16 the angle
 of position 2048 is off by several radians (SPEC pitfall 3).
+
+cos and sin come from a table of (positions, d/2) float32 values cached per (head_dim, base,
+device), grown to the next power of two when a longer sequence arrives. Without it, a compiled
+block inlines pow/cos/sin into the rotation kernel and evaluates them once per element of q and
+k (B x T x H x d) instead of once per (T, d/2). The cache is a module-level dict: under
+torch.compile the first trace builds the table in its graph and stores it; later traces (every
+other block: instances share the compiled code) read it as a constant input, so the rotation is
+a memory-bound kernel. The table holds exactly the values the per-call computation gives.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# (head_dim, base, device, dtype) -> (cos, sin), each (capacity, head_dim / 2)
+_TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
 def rope_inv_freq(head_dim: int, base: float = 10000.0, device=None, dtype=torch.float32) -> Tensor:
@@ -17,15 +28,44 @@ def rope_inv_freq(head_dim: int, base: float = 10000.0, device=None, dtype=torch
     return 1.0 / (base ** (idx / head_dim))
 
 
-def apply_rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """Rotate x (..., T, H, d) at integer ``positions`` (T,); returns x's dtype."""
-    d = x.shape[-1]
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = rope_inv_freq(d, base, device=x.device, dtype=compute)
-    angles = positions.to(compute).unsqueeze(-1) * inv_freq      # (T, d/2), >= float32
-    cos = angles.cos().unsqueeze(-2)                              # (T, 1, d/2)
-    sin = angles.sin().unsqueeze(-2)
-    xf = x.to(compute)
+def rope_table(length: int, head_dim: int, base: float = 10000.0, device=None,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """cos and sin of the angles ``p * inv_freq`` for positions ``p < capacity``, each
+    (capacity, head_dim / 2) in ``dtype`` (float32 or float64), capacity >= ``length``."""
+    key = (head_dim, float(base), torch.device(device if device is not None else "cpu"), dtype)
+    table = _TABLES.get(key)
+    if table is None or table[0].shape[0] < length:
+        cap = 1 << max(6, (max(length, 1) - 1).bit_length())
+        inv_freq = rope_inv_freq(head_dim, base, device=key[2], dtype=dtype)
+        angles = torch.arange(cap, device=key[2]).to(dtype).unsqueeze(-1) * inv_freq
+        table = (angles.cos(), angles.sin())
+        _TABLES[key] = table
+    return table
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (..., T, H, d) by cos/sin (T, d/2), in cos's dtype; returns x's dtype."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)                # (T, 1, d/2)
+    xf = x.to(cos.dtype)
     even, odd = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def apply_rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotate x (..., T, H, d) at integer ``positions`` (T,); returns x's dtype."""
+    n = int(positions.max()) + 1 if positions.numel() else 0
+    cos, sin = rope_table(n, x.shape[-1], base, x.device, _compute_dtype(x))
+    return _rotate(x, cos[positions], sin[positions])
+
+
+def apply_rope_from(x: Tensor, start: int, base: float = 10000.0) -> Tensor:
+    """Rotate x (..., T, H, d) at positions ``start, ..., start + T - 1`` (a slice of the
+    table: no position tensor, no gather); same values as :func:`apply_rope`."""
+    T = x.shape[-3]
+    cos, sin = rope_table(start + T, x.shape[-1], base, x.device, _compute_dtype(x))
+    return _rotate(x, cos.narrow(0, start, T), sin.narrow(0, start, T))

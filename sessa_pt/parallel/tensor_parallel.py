@@ -290,8 +290,8 @@ def _tp_mamba2(mixer, config) -> None:
     in_sizes, conv_sizes = [E, E, G * N, G * N, H], [E, G * N, G * N]
     mixer.in_proj = SectionColumnLinear(mixer.in_proj, in_sizes, config)
     conv = mixer.conv1d
-    local_conv = nn.Conv1d(conv.in_channels // n, conv.out_channels // n, conv.kernel_size[0],
-                           groups=conv.groups // n, bias=conv.bias is not None)
+    local_conv = type(conv)(conv.in_channels // n, conv.out_channels // n, conv.kernel_size[0],
+                            groups=conv.groups // n, bias=conv.bias is not None)
     with torch.no_grad():
         local_conv.weight.copy_(_shard_sections(conv.weight, conv_sizes))
         local_conv.bias.copy_(_shard_sections(conv.bias, conv_sizes))

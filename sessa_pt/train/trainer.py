@@ -330,6 +330,11 @@ class Trainer:
                  f"({self.n_params['non_embedding'] / 1e6:.2f}M non-embedding), "
                  f"tp={lay.tp} pp={lay.pp} dp={lay.dp} zero={c.parallel.zero_stage} "
                  f"{self.precision}, run dir {self.run_dir}")
+        if "mamba2" in c.model.mixers():
+            from sessa_pt.models.mamba2 import resolve_ssd_impl
+
+            self.log(f"mamba2 SSD path: {resolve_ssd_impl(c.model.mamba2.impl, device())} "
+                     f"(model.mamba2.impl={c.model.mamba2.impl})")
         from sessa_pt.data import build_train_loader
 
         loader = build_train_loader(self.train_ds, seed=c.run.seed,

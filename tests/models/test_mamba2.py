@@ -225,7 +225,7 @@ def test_flops_per_token_sequential() -> None:
 @pytest.mark.parametrize("kwargs,match", [
     ({"d_model": 48, "head_dim": 64}, "divisible by head_dim"),
     ({"d_model": 64, "head_dim": 32, "n_groups": 3}, "divisible by n_groups"),
-    ({"d_model": 64, "impl": "triton"}, "unknown Mamba2 impl"),
+    ({"d_model": 64, "impl": "mamba_ssm"}, "unknown Mamba2 impl"),
     ({"d_model": 64, "dt_min": 0.2, "dt_max": 0.1}, "dt_min <= dt_max"),
     ({"d_model": 64, "chunk_size": 0}, "chunk_size must be a positive integer"),
     ({"d_model": 64, "d_state": 0}, "d_state must be a positive integer"),
@@ -243,3 +243,105 @@ def test_ssd_shape_errors() -> None:
     with pytest.raises(ValueError, match="divisible by groups"):
         ssd_sequential(x, dt, A, B[:, :, :1].expand(-1, -1, 3, -1).contiguous(),
                        C[:, :, :1].expand(-1, -1, 3, -1).contiguous())
+
+
+# ------------------------------------------------------------------------------------------------
+# SSD path selection and the aligned in_proj
+
+
+def test_resolve_ssd_impl() -> None:
+    from sessa_pt.models.mamba2 import resolve_ssd_impl
+
+    assert resolve_ssd_impl("auto", "cpu") == "chunked"
+    assert resolve_ssd_impl("sequential", "cuda") == "sequential"
+    assert resolve_ssd_impl("triton", "cuda") == "triton"
+    for impl in ("triton", "fla"):
+        with pytest.raises(ValueError, match="CUDA GPUs only"):
+            resolve_ssd_impl(impl, "cpu")
+    with pytest.raises(ValueError, match="unknown Mamba2 impl"):
+        resolve_ssd_impl("mamba_ssm", "cpu")
+
+
+def test_auto_impl_on_cpu_is_the_chunked_reference() -> None:
+    a = torch.randn(2, 9, 16, dtype=F64)
+    auto, ref = small_mixer("auto"), small_mixer("chunked")
+    assert auto.ssd_path("cpu") == "chunked"
+    assert torch.equal(auto(a), ref(a))
+
+
+def test_triton_impl_rejects_chunk_size_it_cannot_tile() -> None:
+    with pytest.raises(ValueError, match="power of two in 16..256"):
+        small_mixer("triton", chunk_size=4)
+    from sessa_pt.models.config import ModelConfig
+
+    cfg = ModelConfig(mixer="mamba2", d_model=64)
+    cfg.mamba2.impl, cfg.mamba2.chunk_size = "triton", 48
+    with pytest.raises(ValueError, match="impl=triton needs chunk_size"):
+        cfg.validate()
+
+
+def test_padded_linear_equals_linear_and_is_aligned() -> None:
+    from sessa_pt.models.mamba2 import padded_linear
+
+    a = torch.randn(2, 5, 12, dtype=F64, requires_grad=True)
+    w = torch.randn(37, 12, dtype=F64, requires_grad=True)   # odd width, like 3611 at d 864
+    out = padded_linear(a, w, multiple=8)
+    ref = torch.nn.functional.linear(a, w)
+    assert out.shape == ref.shape and torch.allclose(out, ref)
+    assert out.stride(-2) == 40                               # rows padded to 40
+    g = torch.randn_like(ref)
+    ga, gw = torch.autograd.grad(out, (a, w), g)
+    ra, rw = torch.autograd.grad(ref, (a, w), g)
+    assert torch.allclose(ga, ra) and torch.allclose(gw, rw)
+
+
+@pytest.mark.parametrize("d_conv", [1, 4])
+def test_shift_conv_equals_conv1d_forward_decode_and_grads(d_conv: int) -> None:
+    """conv_impl="shifts" computes nn.Conv1d's causal depthwise conv: same outputs, gradients and
+    decoding cache (prefill then one-token steps)."""
+    a = torch.randn(2, 11, 16, dtype=F64)
+    ref = small_mixer(d_conv=d_conv)
+    sh = small_mixer(d_conv=d_conv, conv_impl="shifts")
+    ya, yb = ref(a), sh(a)
+    assert torch.allclose(ya, yb, atol=1e-12)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, p), q in zip(ref.named_parameters(), sh.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-10), n
+    with torch.no_grad():
+        cache = sh.init_cache()
+        parts = [sh(a[:, :8], cache)] + [sh(a[:, t:t + 1], cache) for t in range(8, 11)]
+    assert torch.allclose(torch.cat(parts, dim=1), ya, atol=1e-10)
+    with pytest.raises(ValueError, match="unknown Mamba2 conv_impl"):
+        small_mixer(conv_impl="cudnn")
+
+
+@pytest.mark.parametrize("conv_impl", ["conv1d", "shifts"])
+def test_parameters_are_used_through_module_calls(conv_impl: str) -> None:
+    """in_proj and conv1d run as module calls on every path (ZeRO-3 gathers a module's
+    parameters in its forward hooks; a bare ``.weight`` read would see an empty shard)."""
+    m = small_mixer(conv_impl=conv_impl)
+    seen = []
+    for name in ("in_proj", "conv1d", "out_proj"):
+        getattr(m, name).register_forward_pre_hook(lambda mod, args, n=name: seen.append(n))
+    m(torch.randn(1, 6, 16, dtype=F64))
+    assert seen == ["in_proj", "conv1d", "out_proj"]
+
+
+def test_path_resolution_is_a_constant_under_compile() -> None:
+    """Probing the installed packages for impl=auto on CUDA (imports, versions) must not break
+    every compiled mixer's graph: dynamo takes the answer as a constant."""
+    from torch._dynamo.utils import counters
+
+    from sessa_pt.models.mamba2 import _checked_ssd_path, resolve_ssd_impl
+
+    def f(x):
+        p = resolve_ssd_impl("auto", torch.device("cuda"))
+        q = _checked_ssd_path("auto", 64, torch.device("cuda"))
+        return x + len(p) + len(q)
+
+    torch._dynamo.reset()
+    counters.clear()
+    want = f(torch.zeros(2))
+    assert torch.equal(torch.compile(f, backend="eager")(torch.zeros(2)), want)
+    assert not counters["graph_break"]
