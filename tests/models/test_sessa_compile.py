@@ -48,13 +48,13 @@ def test_triton_ops_pass_opcheck() -> None:
     from sessa_kernels.triton_feedback import feedback_triton_bwd, feedback_triton_fwd
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, g, f = (x.to(dev) for x in _inputs(T=40))
-    settings = (0.25, 16, 16, "ieee", "panel", 256.0, 32)
+    q, k, g, f = (x.to(dev) for x in _inputs(T=20, D=16))
+    settings = (0.25, 16, 16, "ieee", "panel", 256.0, 16)
     torch.library.opcheck(feedback_triton_fwd, (*_grad_inputs(q, k, g, f), *settings))
     s, lse, r = feedback_triton_fwd(q, k, g, f, *settings)
     torch.library.opcheck(feedback_triton_bwd, (q, k, g, s, lse, r, torch.randn_like(s),
                                                 *settings))
-    K, S = torch.randn(2, 70, 16, device=dev), torch.randn(2, 70, 24, device=dev)
+    K, S = torch.randn(2, 70, 16, device=dev), torch.randn(2, 70, 16, device=dev)
     torch.library.opcheck(feedback_decode_triton, (q[:, 0], g[:, 0], f[:, 0], K, S, 0.25))
 
 
@@ -81,9 +81,12 @@ def test_compiled_sessa_block_equals_eager(impl: str) -> None:
         pytest.importorskip("triton")
     torch._dynamo.reset()
     block = _block(impl)
-    x = torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 24 if impl == "triton" else 40, 32,
+                    generator=torch.Generator().manual_seed(1))
     eager = _fwd_bwd(block, x)
-    compiled = torch.compile(block)
+    # inductor (C++ on CPU) once; the Triton variant through dynamo + AOTAutograd only (the
+    # fake implementation and the registered backward, without a second C++ build).
+    compiled = torch.compile(block, backend="inductor" if impl == "chunked" else "aot_eager")
     got = _fwd_bwd(compiled, x)
     for a, b in zip(got, eager, strict=True):
         assert torch.allclose(a, b, atol=2e-5, rtol=1e-4), (a - b).abs().max()
@@ -99,7 +102,7 @@ def test_compiled_decode_step_equals_eager() -> None:
     torch._dynamo.reset()
     block = _block("triton").eval()
     x = torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(2))
-    compiled = torch.compile(block)
+    compiled = torch.compile(block, backend="aot_eager")
     with torch.no_grad():
         outs = {}
         for name, fn in (("eager", block), ("compiled", compiled)):
@@ -158,6 +161,9 @@ def _stage_grads(checkpoint_blocks: bool, compile_blocks: bool = False, dtype=F6
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
                       sessa=SessaOptions(impl="chunked", chunk_size=8))
     stages = [Stage(cfg, i, 3, 1, 1, compile_blocks, checkpoint_blocks) for i in range(4)]
+    for s in stages[1:3]:
+        if s._compiled is not None:     # the cheap backend: this tests the composition
+            object.__setattr__(s, "_compiled", torch.compile(s.m, backend="aot_eager"))
     for s in stages:
         s.to(dtype)
     ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(4))
