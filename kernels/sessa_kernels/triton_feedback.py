@@ -49,6 +49,7 @@ SOLVES = ("panel", "queue")
 
 
 def _interpreting() -> bool:
+    # Triton's own switch for running kernels on the CPU (tests), not a kernel setting.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -155,14 +156,18 @@ def _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, cfg: _Cfg):
             D=D, N_DBLK=n_dblk, **cfg.kernel_args())
 
 
-def _check_chunk(block_m: int) -> None:
-    if block_m < 16 or block_m > 128 or block_m & (block_m - 1):
-        raise ValueError(f"the Triton feedback kernels take chunks (block_m) of 16, 32, 64 or "
-                         f"128 rows, got {block_m}")
-
-
 def _cfg(scale: float, block_m: int, block_d: int, precision: str, solve: str,
          panel_mib: float, panel_rows: int, dtype: torch.dtype) -> _Cfg:
+    """The validated settings of one call (ValueError says what to fix)."""
+    if block_m < 16 or block_m > 128 or block_m & (block_m - 1):
+        raise ValueError(f"the Triton feedback kernels take chunks (block_m, "
+                         f"model.sessa.chunk_size) of 16, 32, 64 or 128 rows, got {block_m}")
+    if precision not in ("tf32", "tf32x3", "ieee"):
+        raise ValueError(f"precision must be tf32, tf32x3 or ieee, got {precision!r}")
+    if solve not in SOLVES:
+        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
+    if not panel_mib > 0:
+        raise ValueError(f"panel_mib must be positive, got {panel_mib}")
     return _Cfg(scale, block_m, block_d, precision, solve, panel_rows or None, panel_mib, dtype)
 
 
@@ -301,16 +306,10 @@ def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
     if T == 0:
         return f.clone()
     bm, bd = _blocks(T, D, block_m, block_d)
-    _check_chunk(bm)
-    if precision not in ("tf32", "tf32x3", "ieee"):
-        raise ValueError(f"precision must be tf32, tf32x3 or ieee, got {precision!r}")
-    if solve not in SOLVES:
-        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
-    if not panel_mib > 0:
-        raise ValueError(f"panel_mib must be positive, got {panel_mib}")
     dt = torch.float32 if f.dtype == torch.float64 else f.dtype
     if dt not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {dt}")
     settings = (scale, bm, bd, precision, solve, float(panel_mib), int(panel_rows or 0))
+    _cfg(*settings, dt)       # validate before any launch
     s, _, _ = feedback_triton_fwd(q_b.to(dt), k_b.to(dt), gamma, f.to(dt), *settings)
     return s.to(f.dtype)

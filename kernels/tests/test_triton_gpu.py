@@ -103,6 +103,23 @@ def test_compiled_feedback_on_strided_views_matches_fp64() -> None:
     assert all(e < 1e-2 for e in errs.values()), errs
 
 
+def test_ops_pass_opcheck_on_gpu() -> None:
+    """torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch) of the
+    three Triton custom operators on bf16 CUDA tensors with the default block sizes."""
+    from sessa_kernels.decode import feedback_decode_triton
+    from sessa_kernels.triton_feedback import feedback_triton_bwd, feedback_triton_fwd
+
+    q, k, g, f, ds = feedback_inputs(2, 300, 128, 192, routing="diffuse", dtype=torch.bfloat16,
+                                     device="cuda", seed=11)
+    for solve in ("panel", "queue"):
+        settings = (128**-0.5, 64, 128, "tf32", solve, 256.0, 0)
+        leaves = [x.clone().requires_grad_() for x in (q, k, g, f)]
+        torch.library.opcheck(feedback_triton_fwd, (*leaves, *settings))
+        s, lse, r = feedback_triton_fwd(q, k, g, f, *settings)
+        torch.library.opcheck(feedback_triton_bwd, (q, k, g, s, lse, r, ds, *settings))
+    torch.library.opcheck(feedback_decode_triton, (q[:, 0], g[:, 0], f[:, 0], k, s, 0.1))
+
+
 def _sessa_block(**kw):
     from sessa_pt.models.blocks import SessaBlock
 

@@ -97,9 +97,13 @@ class SessaMixer(AttentionMixer):
     def feedback_inputs(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q_b, k_b (B, T, fb_dim) and gamma (B, T). q_b and k_b are strided views of the
         fused projection; the feedback kernels make their own contiguous copies."""
-        h = self.routing_grad_sync(self.routing_projection(a))
-        n = self.fb_dim
-        return h[..., :n], h[..., n:2 * n], self._gain(h[..., 2 * n])
+        h = self.routing_projection(a)
+        n, sync = self.fb_dim, self.routing_grad_sync
+        # Under TP the gradient sum over ranks must come after every use that a rank's
+        # channel slice makes partial: on q_b | k_b, and on gamma after the gain (so
+        # gamma_bias, added after the projection, gets the summed gradient too).
+        qk = sync(h[..., :2 * n])
+        return qk[..., :n], qk[..., n:], sync(self._gain(h[..., 2 * n]))
 
     def init_cache(self) -> KVCache:
         return KVCache(extra={"k_b": SeqBuffer(1), "s": SeqBuffer(1)})
