@@ -10,7 +10,8 @@
 # mlflow, webdataset are installed from it into a scratch folder):
 #   bash kernels/benchmarks/session4_gpu.sh [OUT_DIR]          (default $OUT or /tmp/s4_out)
 # PARTS (default "tests layers train") picks parts; "tests_train" (the bf16 trainer tests:
-# eager, compiled, compiled + activation checkpointing; ~2 minutes) is extra. Each part runs
+# eager, compiled, compiled + activation checkpointing; ~2 minutes) and "train_long" (the same
+# recipes at T=16384, micro batch 1-2; a call of its own) are extra. Each part runs
 # under its own time limit (TESTS_S, LAYERS_S, TRAIN_S, TESTS_TRAIN_S; each training run
 # RUN_S), so one failure or hang cannot lose the rest. RECIPES (default recipes/m125), SEQ
 # (2048) and EXTRA (overrides for every training run) exist for dry runs of the plumbing. Tables are printed last and written to
@@ -80,7 +81,7 @@ fi
 # (c) recipes/m125 at T=2048 on SymbolSoup shards made here (the token content does not change
 # the step time; model.vocab_size stays 32768). Tokens/s = median over the steps after 4.
 train_part() {
-    local data=$OUT_DIR/soup$SEQ runs=$OUT_DIR/runs
+    local data=$OUT_DIR/soup$SEQ runs=$OUT_DIR/runs$SEQ
     python3 -m data_prep.cli symbolsoup --out "$data" --min-len $((SEQ - 8)) --max-len "$SEQ" \
         --seq-len "$SEQ" --train 1024 --valid 0 --test 0 --workers 8 >/dev/null || return 1
     # shellcheck disable=SC2206
@@ -97,17 +98,24 @@ train_part() {
             run.dir="$runs/$name" run.name="$name" >"$OUT_DIR/$name.log" 2>&1 \
             || { echo "$name FAILED or cut (exit $?)"; tail -15 "$OUT_DIR/$name.log"; }
     }
-    # Most wanted first (the part's limit cuts the tail): the compiled Sessa step with its
-    # profile, the compiled gated Transformer, Sessa eager, the checkpointing cost, mb 32.
-    SESSA_PT_PROFILE=7:2 run sessa_c_mb16 sessa 16 train.compile=true
-    run tf_c_mb32 transformer 32 train.compile=true
-    run sessa_eager_mb16 sessa 16
-    run sessa_c_mb16_ckpt sessa 16 train.compile=true train.activation_checkpointing=blocks
-    run sessa_c_mb32 sessa 32 train.compile=true
+    # Most wanted first (the part's limit cuts the tail).
+    if [ "$SEQ" -le 4096 ]; then   # the compiled Sessa step with its profile, the compiled
+        # gated Transformer, Sessa eager, the activation checkpointing cost, micro batch 32.
+        SESSA_PT_PROFILE=7:2 run sessa_c_mb16 sessa 16 train.compile=true
+        run tf_c_mb32 transformer 32 train.compile=true
+        run sessa_eager_mb16 sessa 16
+        run sessa_c_mb16_ckpt sessa 16 train.compile=true train.activation_checkpointing=blocks
+        run sessa_c_mb32 sessa 32 train.compile=true
+    else                           # long context (PARTS=train_long, SEQ=16384): micro batch 1
+        run sessa_c_mb1 sessa 1 train.compile=true
+        run tf_c_mb1 transformer 1 train.compile=true
+        run sessa_c_mb1_ckpt sessa 1 train.compile=true train.activation_checkpointing=blocks
+        run sessa_c_mb2_ckpt sessa 2 train.compile=true train.activation_checkpointing=blocks
+    fi
     local done_runs
     done_runs=$(for r in "$runs"/*/; do [ -s "$r/train_log.jsonl" ] && echo "${r%/}"; done)
     [ -n "$done_runs" ] && python3 -m sessa_pt.train.bench --skip 4 $done_runs \
-        | tee "$OUT_DIR/train.md"
+        | tee "$OUT_DIR/train$SEQ.md"
     if [ -f "$runs/sessa_c_mb16/profile_rank0.txt" ]; then
         cp "$runs/sessa_c_mb16/profile_rank0.txt" "$OUT_DIR/profile_sessa_c_mb16.txt"
         echo "--- profile of the compiled Sessa step (top kernels by GPU time)"
@@ -117,9 +125,13 @@ train_part() {
             | tee "$OUT_DIR/profile_gemms.txt" | head -n 20
     fi
 }
+export OUT_DIR RUN_S STEPS T0 RECIPES SEQ EXTRA
 if want train; then
-    export OUT_DIR RUN_S STEPS T0 RECIPES SEQ EXTRA
     TAIL=60 part train "$TRAIN_S" bash -c "$(declare -f train_part); train_part"
+fi
+if want train_long; then   # its own call: PARTS=train_long (SEQ defaults to 16384 there)
+    [ "$SEQ" = 2048 ] && export SEQ=16384
+    TAIL=40 part train_long "$TRAIN_S" bash -c "$(declare -f train_part); train_part"
 fi
 
 echo
