@@ -84,12 +84,13 @@ class SessaMixer(AttentionMixer):
 
     def routing_projection(self, a: Tensor) -> Tensor:
         """[q_b | k_b | gamma logit | zeros] of every token, (B, T, 2 fb_dim + 1 + pad), from
-        one GEMM whose width is padded to a multiple of 64. The gain's own D -> 1 projection
-        (and its backward, a K = 1 outer product) ran as a width-1 GEMM on cuBLAS's alignment-1
-        kernels, 12.5% of a Sessa training step on the H200 (issue 13); folded in here it
-        costs 64 extra output columns. The parameters stay ``proj_fb`` and ``gamma_ctx``."""
+        one GEMM whose width is padded to a multiple of 8 (16-byte rows in bf16). The gain's
+        own D -> 1 projection (and its backward, a K = 1 outer product) ran as a width-1 GEMM
+        on cuBLAS's alignment-1 kernels, 12.5% of a Sessa training step on the H200 (issue
+        13); folded in here it costs 8 output columns. The parameters stay ``proj_fb`` and
+        ``gamma_ctx``; ``flops_per_token`` counts the model's FLOPs, not the padding."""
         w, b, wg = self.proj_fb.weight, self.proj_fb.bias, self.gamma_ctx.weight
-        pad = -(w.shape[0] + 1) % 64
+        pad = -(w.shape[0] + 1) % 8
         weight = torch.cat([w, wg, w.new_zeros(pad, w.shape[1])])
         bias = torch.cat([b, b.new_zeros(1 + pad)])
         return F.linear(a, weight, bias)
