@@ -61,7 +61,12 @@ class TrainConfig:
     micro_batch_size: int = 8    # sequences per rank per micro step
     global_batch_size: int = 16  # sequences per optimizer step (= micro * grad_accum * dp)
     precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    compile: bool = False        # torch.compile each block and the loss (GPU throughput)
+    compile: bool = False        # torch.compile each block and the loss (GPU throughput);
+                                 # the loss only at tp=1, pp=1
+    activation_checkpointing: str = "none"  # none | blocks: keep only each block's input
+                                 # in the forward and recompute the block in the backward
+                                 # (less activation memory for long T / large models, about
+                                 # one more forward of compute; same gradients)
     loss_chunk_tokens: int = 0   # > 0: LM head + loss over this many tokens at a time
                                  # (never all fp32 logits at once; tp=1, pp=1 only)
     log_every: int = 1
@@ -316,6 +321,9 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
     elif t.loss_chunk_tokens and (p.tp > 1 or p.pp > 1):
         e.append("train.loss_chunk_tokens applies to tp=1, pp=1 runs (TP uses the vocab-"
                  "parallel cross entropy, PP computes the loss in its last stage); set it to 0")
+    if t.activation_checkpointing not in ("none", "blocks"):
+        e.append(f"train.activation_checkpointing={t.activation_checkpointing!r}: choose none "
+                 "or blocks")
     if t.precision not in ("auto", "bf16", "fp32"):
         e.append(f"train.precision={t.precision!r}: choose auto, bf16 or fp32")
     if t.steps <= 0:
@@ -328,10 +336,6 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
     if not cfg.data.train:
         e.append("data.train is empty: point it at a train manifest.json written by "
                  "`sessa-data tokenize` (e.g. data.train=data/shards/train/manifest.json)")
-    if t.compile and m.sessa.impl == "triton" and "sessa" in m.mixers():
-        e.append("train.compile=true with model.sessa.impl=triton failed on the H200 "
-                 "(CUDA misaligned address inside the compiled block, torch 2.11, 2026-11-28); "
-                 "set train.compile=false for Sessa models")
     if m.sessa.impl == "triton" and not cuda and "sessa" in m.mixers():
         e.append("model.sessa.impl=triton needs a GPU; use model.sessa.impl=chunked on CPU")
     return e

@@ -30,6 +30,10 @@ def cfg(*overrides):
     (["model.mixer=mamba2", "parallel.tp=2"], 2, False, "model.mamba2.n_groups=2"),
     (["model.sessa.impl=triton"], 1, False, "impl=chunked on CPU"),
     (["data.context_loss_weight=-0.5"], 1, False, "loss on the answer tokens only"),
+    (["model.sessa.impl=triton", "model.sessa.chunk_size=48"], 1, True, "16, 32, 64 or 128"),
+    (["model.sessa.solve=flash"], 1, False, "choose panel or queue"),
+    (["model.sessa.panel_mib=0"], 1, False, "panel_mib=0.0 must be positive"),
+    (["train.activation_checkpointing=layers"], 1, False, "choose none or blocks"),
 ])
 def test_invalid_layouts_are_rejected(overrides, world, cuda, message):
     errors = validate(cfg(*overrides), world, cuda)
@@ -42,6 +46,20 @@ def test_valid_layouts_pass():
     for ov, world in [([], 1), (["parallel.tp=2"], 2), (["parallel.pp=2"], 2),
                       (["parallel.tp=2", "parallel.pp=2"], 4), (["parallel.zero_stage=3"], 2)]:
         assert validate(cfg(*ov), world, False) == [], ov
+
+
+def test_compiled_triton_sessa_and_kernel_settings_are_accepted():
+    """train.compile with the Triton solve (custom operators) is no longer refused; the kernel
+    settings are config fields (so config.yaml and the mlflow params record them)."""
+    from sessa_pt.config import flatten, to_dict
+
+    c = cfg("model.sessa.impl=triton", "train.compile=true", "model.sessa.solve=queue",
+            "model.sessa.panel_mib=64", "model.sessa.chunk_size=32",
+            "train.activation_checkpointing=blocks")
+    assert validate(c, 1, True) == []
+    params = flatten(to_dict(c))
+    assert params["model.sessa.solve"] == "queue" and params["model.sessa.panel_mib"] == 64.0
+    assert params["train.activation_checkpointing"] == "blocks"
 
 
 def test_recipe_inheritance_and_overrides():

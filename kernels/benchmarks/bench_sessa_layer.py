@@ -2,9 +2,9 @@
 
 The layer is the paper's gated block (LN -> W_in -> GELU / gate -> mixer -> W_out, residual,
 ``sessa_pt.models.blocks.GatedBlock``) with the mixer ``SessaMixer(impl=dense|chunked|triton)``
-or ``AttentionMixer``; ``triton_panel`` is the triton mixer with ``SESSA_SOLVE=panel`` (the
-panel variant of the two solves), ``triton_panel_fp32`` the same with float32 panel tiles
-(``SESSA_PANEL_SCRATCH=fp32``). D=1024, 16 heads, bf16, 16k tokens per batch (B = 16384 / T,
+or ``AttentionMixer``; ``triton`` is the triton mixer with ``solve="queue"``, ``triton_panel``
+with ``solve="panel"`` (the default of ``model.sessa.solve``); a ``+compile`` suffix runs the
+block under torch.compile (e.g. ``attention+compile,triton_panel+compile``). D=1024, 16 heads, bf16, 16k tokens per batch (B = 16384 / T,
 B = 1 beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
 (weights and the input). Run on the GPU machine:
 
@@ -19,9 +19,7 @@ B = 1 beyond). Peak memory is the peak allocated during fwd+bwd minus what was a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import time
 
 import torch
@@ -34,39 +32,26 @@ from sessa_pt.models.sessa import SessaMixer
 D, H, TOKENS = 1024, 16, 16384
 
 
-# Layer variants that are the triton mixer under other kernel settings (environment).
+# Layer variants that are the triton mixer under other kernel settings (model.sessa fields).
 TRITON_VARIANTS = {
-    "triton": {"SESSA_SOLVE": "queue"},
-    "triton_panel": {"SESSA_SOLVE": "panel", "SESSA_PANEL_SCRATCH": "input"},
-    "triton_panel_fp32": {"SESSA_SOLVE": "panel", "SESSA_PANEL_SCRATCH": "fp32"},
+    "triton": {"solve": "queue"},
+    "triton_panel": {"solve": "panel"},
 }
+COMPILED = "+compile"       # suffix: the same block under torch.compile (e.g. triton_panel+compile)
 
 
 def make_block(impl: str) -> nn.Module:
     from sessa_pt.models.blocks import GatedBlock
 
-    if impl == "attention":
+    base = impl.removesuffix(COMPILED)
+    if base == "attention":
         mixer = AttentionMixer(D, H)
+    elif base in TRITON_VARIANTS:
+        mixer = SessaMixer(D, H, impl="triton", chunk_size=64, **TRITON_VARIANTS[base])
     else:
-        mixer = SessaMixer(D, H, impl="triton" if impl in TRITON_VARIANTS else impl,
-                           chunk_size=128)
-    return GatedBlock(D, mixer).cuda().to(torch.bfloat16)
-
-
-@contextlib.contextmanager
-def variant_env(impl: str):
-    """Set the environment of a triton variant for the duration, then restore it."""
-    env = TRITON_VARIANTS.get(impl, {})
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        mixer = SessaMixer(D, H, impl=base, chunk_size=128)
+    block = GatedBlock(D, mixer).cuda().to(torch.bfloat16)
+    return torch.compile(block) if impl.endswith(COMPILED) else block
 
 
 def time_fwd_bwd(block: nn.Module, B: int, T: int, budget_s: float = 2.0
@@ -115,9 +100,8 @@ def bench_layers(seqs: list[int], impls: list[str], limits: dict[str, int]) -> l
             else:
                 block = make_block(impl)
                 try:
-                    with variant_env(impl):
-                        row["ms"], row["gib"] = time_fwd_bwd(block, B, T)
-                        row["fwd_ms"] = time_fwd(block, B, T)
+                    row["ms"], row["gib"] = time_fwd_bwd(block, B, T)
+                    row["fwd_ms"] = time_fwd(block, B, T)
                     row["status"] = "ok"
                 except torch.OutOfMemoryError:
                     row["status"] = "OOM"
@@ -129,38 +113,34 @@ def bench_layers(seqs: list[int], impls: list[str], limits: dict[str, int]) -> l
 
 
 def print_layer_table(rows: list[dict], impls: list[str]) -> None:
+    """ms and GiB per impl; then each Sessa impl's time and memory over the attention layer's
+    (``attention+compile`` for compiled impls when it was run, else ``attention``)."""
     by = {(r["T"], r["impl"]): r for r in rows}
     seqs = sorted({r["T"] for r in rows})
-    head = f"{'T':>7} {'B':>3} " + " ".join(f"{i + ' ms':>14} {i + ' GiB':>12}" for i in impls)
-    print("\n" + head + "   triton/attn time, mem   dense/triton time")
+    ok = {k for k, r in by.items() if r.get("status") == "ok"}
+    head = f"{'T':>7} {'B':>3} " + " ".join(f"{i + ' ms':>22} {'GiB':>6} {'fwd ms':>8}"
+                                          for i in impls)
+    print("\n" + head)
     for T in seqs:
         cells = []
         for i in impls:
             r = by.get((T, i), {})
-            if r.get("status") == "ok":
-                cells.append(f"{r['ms']:14.2f} {r['gib']:12.2f}")
-            else:
-                cells.append(f"{r.get('status', '-'):>14} {'':>12}")
-        tr, at, de = by.get((T, "triton"), {}), by.get((T, "attention"), {}), \
-            by.get((T, "dense"), {})
-        ratio = ""
-        if tr.get("status") == "ok" and at.get("status") == "ok":
-            ratio = f"{tr['ms'] / at['ms']:8.2f}x {tr['gib'] / at['gib']:6.2f}x"
-        if tr.get("status") == "ok" and de.get("status") == "ok":
-            ratio += f"   {de['ms'] / tr['ms']:8.2f}x"
-        print(f"{T:7d} {max(1, TOKENS // T):3d} " + " ".join(cells) + "   " + ratio)
-    panels = [i for i in impls if i.startswith("triton_panel")]
-    print(f"\n{'T':>7} " + " ".join(f"{i + ' fwd ms':>18}" for i in impls)
-          + "   " + ", ".join(f"{i}/triton fwd, fwd+bwd" for i in panels))
+            cells.append(f"{r['ms']:22.2f} {r['gib']:6.2f} {r['fwd_ms']:8.2f}" if (T, i) in ok
+                         else f"{r.get('status', '-'):>22} {'':>6} {'':>8}")
+        print(f"{T:7d} {max(1, TOKENS // T):3d} " + " ".join(cells))
+    sessa = [i for i in impls if not i.startswith("attention")]
+    print(f"\n{'T':>7} " + " ".join(f"{i + ' / attn time, mem':>34}" for i in sessa))
     for T in seqs:
-        cells = [f"{by.get((T, i), {}).get('fwd_ms', float('nan')):18.2f}" for i in impls]
-        tr = by.get((T, "triton"), {})
-        ratios = []
-        for i in panels:
-            pa = by.get((T, i), {})
-            if tr.get("status") == "ok" and pa.get("status") == "ok":
-                ratios.append(f"{pa['fwd_ms'] / tr['fwd_ms']:8.2f}x {pa['ms'] / tr['ms']:6.2f}x")
-        print(f"{T:7d} " + " ".join(cells) + "   " + "   ".join(ratios))
+        cells = []
+        for i in sessa:
+            ref = "attention+compile" if i.endswith(COMPILED) and (T, "attention+compile") \
+                in ok else "attention"
+            if (T, i) in ok and (T, ref) in ok:
+                r, a = by[(T, i)], by[(T, ref)]
+                cells.append(f"{r['ms'] / a['ms']:27.2f}x {r['gib'] / a['gib']:5.2f}x")
+            else:
+                cells.append(f"{'-':>34}")
+        print(f"{T:7d} " + " ".join(cells))
 
 
 def bench_decode(contexts: list[int], B: int = 1, graphs: bool = True) -> list[dict]:
@@ -175,7 +155,7 @@ def bench_decode(contexts: list[int], B: int = 1, graphs: bool = True) -> list[d
     from sessa_kernels.decode import feedback_decode_step
 
     rows = []
-    att, ses = make_block("attention"), make_block("triton")
+    att, ses = make_block("attention"), make_block("triton_panel")
     for P in contexts:
         x = torch.randn(B, 1, D, device="cuda", dtype=torch.bfloat16)
         kc = torch.randn(B, H, P, D // H, device="cuda", dtype=torch.bfloat16)

@@ -2,9 +2,8 @@
 dense reference on the bf16-rounded inputs, as kernels/tests/test_triton_gpu.py): the relative
 error of s, dq_b, dk_b, dgamma and df for each variant, then the largest over the cases.
 
-Variants: solve queue | panel with bf16 panel tiles (SESSA_PANEL_SCRATCH=input) | panel with
-float32 tiles (=fp32), each with r and dgamma from the stored s and u (SESSA_FROM_STORED=1,
-the default) and from the float32 values (=0, the code measured on 2026-11-28). Run on the GPU:
+Variants: solve queue | panel (``model.sessa.solve``; both compute r and dgamma from the stored
+s and u). Run on the GPU:
 
     PYTHONPATH=$PWD:$PWD/kernels python3 kernels/benchmarks/panel_accuracy.py [--json out.json]
 """
@@ -26,11 +25,7 @@ from sessa_kernels.triton_feedback import feedback_triton
 from sessa_pt.models.feedback import feedback_dense
 
 NAMES = ("s", "dq_b", "dk_b", "dgamma", "df")
-VARIANTS = {f"{name} stored={int(st)}": dict(kw, from_stored=st)
-            for name, kw in (("queue", {"solve": "queue"}),
-                             ("panel-bf16", {"solve": "panel", "panel_scratch": "input"}),
-                             ("panel-fp32", {"solve": "panel", "panel_scratch": "fp32"}))
-            for st in (True, False)}
+VARIANTS = {"queue": {"solve": "queue"}, "panel": {"solve": "panel"}}
 
 
 def parse_case(text: str) -> tuple[tuple[int, int, int, int], str]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for the panel variant of the solves (SESSA_SOLVE=panel): its GPU tests, then
+# One device call for the panel variant of the solves (model.sessa.solve=panel): its GPU tests, then
 # the feedback-branch sweep (queue vs panel) and the layer benchmark (attention, triton,
 # triton_panel) at T = 2048, 8192, 32768. ~3 minutes on one H200. From the repo root:
 #   OUT=/tmp/out bash kernels/benchmarks/panel_run.sh

@@ -10,7 +10,6 @@ block; "panel": scores once per super-chunk into a scratch panel). GPU only:
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 from cuda_timing import median_ms
@@ -51,8 +50,7 @@ def main() -> None:
                 print(B, T, bm, bd, solve, "failed:", type(exc).__name__, str(exc)[:200])
                 continue
             res[(T, bm, bd, solve)] = (tf, tb)
-            elem = 4 if os.environ.get("SESSA_PANEL_SCRATCH") == "fp32" else 2
-            W = panel_width(B, T, bm, elem) if solve == "panel" else 0
+            W = panel_width(B, T, bm, 2) if solve == "panel" else 0
             useful = 2.0 * B * T * T * D   # causal half of (q k^T) and (alpha s): 2 * T^2/2 * D * 2
             print(f"{B:3d} {T:6d} {bm:4d} {bd:4d} {solve:>6} {W:6d} {tf:9.2f} {tb:11.2f} "
                   f"{useful / tf / 1e9:12.1f} {tb - tf:9.2f}", flush=True)

@@ -13,15 +13,15 @@ flag, acquire) and publishes its own chunk (release) when solved. The in-chunk s
 ``(I - N)^{-1} = (I + N)(I + N^2)(I + N^4)...``, log2(BM) small matrix products.
 
 * ``fwd_solve``: online (max, sum) softmax over the strict past, ``s``, the row log-sum-exp and
-  ``r_t = sum_j alpha[t, j] s_j`` (for dgamma; with FROM_STORED, s as stored, i.e. rounded to
-  the output dtype, the values the backward reads).
+  ``r_t = sum_j alpha[t, j] s_j`` (for dgamma; from s as stored, i.e. rounded to the output
+  dtype, the values the backward reads).
 * ``bwd_solve``: the adjoint solve in reverse time, ``u = (I - B)^{-T} ds`` (= df), and
-  ``dgamma_t = <u_t, r_t>`` (atomic sum over channel blocks; with FROM_STORED, u as stored).
-  FROM_STORED keeps ``sum_j dlogit[t, j] = 0`` for the rounded u and s that ``bwd_dqdk*``
-  multiply (kernels/NOTES.md, "Panel precision").
-* ``bwd_dqdk``: the softmax backward, ``dlogit = alpha * gamma * (u s^T - dgamma)``, fully
-  parallel; ``dk`` accumulates per column chunk, ``dq`` per row chunk (two launches of the one
-  kernel, ``FOR_DQ`` selecting which).
+  ``dgamma_t = <u_t, r_t>`` (atomic sum over channel blocks; from u as stored). Both keep
+  ``sum_j dlogit[t, j] = 0`` for the rounded u and s that ``bwd_dqdk_pairs`` multiplies
+  (kernels/NOTES.md, "Panel precision").
+* ``bwd_dqdk_pairs``: the softmax backward, ``dlogit = alpha * gamma * (u s^T - dgamma)``,
+  fully parallel: one program per (row chunk, column chunk) pair forms the dlogit tile once
+  and adds its products into dq and dk by float32 atomics.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _unit_lower_solve(nmat, rhs, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
 def fwd_solve(Q, K, G, F, S, R, LSE, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
               DK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
               BD: tl.constexpr, N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr,
-              PREC: tl.constexpr, FROM_STORED: tl.constexpr):
+              PREC: tl.constexpr):
     dblk, b, r = _claim_tile(COUNTER, N_DBLK, B)
     q_ptr = Q + b * T * DK
     k_ptr = K + b * T * DK
@@ -127,7 +127,7 @@ def fwd_solve(Q, K, G, F, S, R, LSE, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
     io_off = offs_m[:, None] * D + offs_d[None, :]
     f = tl.load(F + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32)
     x = _unit_lower_solve(p * coef[:, None], f + coef[:, None] * acc, LOG2_BM, PREC)
-    x = _store_solved(s_ptr + io_off, x, io_mask, FROM_STORED)
+    x = _store_solved(s_ptr + io_off, x, io_mask)
     rr = (acc + tl.dot(p, x, input_precision=PREC)) * inv_l[:, None]
     tl.store(R + b * T * D + io_off, rr, mask=io_mask)
     if dblk == 0:
@@ -138,32 +138,30 @@ def fwd_solve(Q, K, G, F, S, R, LSE, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
 
 
 @triton.jit
-def _store_solved(ptr, x, mask, FROM_STORED: tl.constexpr):
-    """Store the float32 solution x of a chunk in the output dtype; return what the rest of the
-    tile computes with: the stored (rounded) values if FROM_STORED, else x itself."""
+def _store_solved(ptr, x, mask):
+    """Store the float32 solution x of a chunk in the output dtype and return the stored
+    (rounded) values in float32: the rest of the tile (r, dgamma) computes with what the
+    backward's dq/dk kernel will read (kernels/NOTES.md, "Panel precision")."""
     xs = x.to(ptr.dtype.element_ty)
     tl.store(ptr, xs, mask=mask)
-    if FROM_STORED:
-        x = xs.to(tl.float32)
-    return x
+    return xs.to(tl.float32)
 
 
 @triton.jit
 def _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag, b, T, offs_n, nmask, offs_d, dmask,
-                      D: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
-                      FROM_STORED: tl.constexpr):
+                      D: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
     """The end of one adjoint-solve tile (column chunk ``offs_n``, channels ``offs_d``, batch
     ``b``), shared by ``bwd_solve`` and the panel kernel ``bwd_panel_solve``: p is the chunk's
     strict-lower alpha tile (float32) and acc the float32 sum over the later chunks of
     alpha^T (gamma u). Solves u = (I - (diag(gamma) p)^T)^{-1} (ds + acc), stores u, adds
-    dgamma_t += <u_t, r_t> over this channel block (u as stored if FROM_STORED) and releases
+    dgamma_t += <u_t, r_t> over this channel block (u as stored) and releases
     the tile's ready ``flag``."""
     g = tl.load(G + b * T + offs_n, mask=nmask, other=0.0).to(tl.float32)
     io_mask = nmask[:, None] & dmask[None, :]
     io_off = offs_n[:, None] * D + offs_d[None, :]
     rhs = tl.load(DS + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32) + acc
     u = _unit_lower_solve(tl.trans(p * g[:, None]), rhs, LOG2_BM, PREC)
-    u = _store_solved(U + b * T * D + io_off, u, io_mask, FROM_STORED)
+    u = _store_solved(U + b * T * D + io_off, u, io_mask)
     rr = tl.load(R + b * T * D + io_off, mask=io_mask, other=0.0)
     tl.atomic_add(DG + b * T + offs_n, tl.sum(u * rr, 1), mask=nmask)
     tl.debug_barrier()
@@ -174,7 +172,7 @@ def _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag, b, T, offs_n, nmask, offs_d
 def bwd_solve(Q, K, G, DS, U, R, LSE, DG, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
               DK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
               BD: tl.constexpr, N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr,
-              PREC: tl.constexpr, FROM_STORED: tl.constexpr):
+              PREC: tl.constexpr):
     dblk, b, rank = _claim_tile(COUNTER, N_DBLK, B)
     c = n_chunks - 1 - rank
     q_ptr = Q + b * T * DK
@@ -207,57 +205,7 @@ def bwd_solve(Q, K, G, DS, U, R, LSE, DG, FLAGS, COUNTER, T, B, n_chunks, scale_
     strict = (ar[None, :] < ar[:, None]) & (offs_n[None, :] < T)
     p = tl.where(strict, tl.exp2(sc - lse[:, None]), 0.0)
     _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag_ptr + c * N_DBLK, b, T, offs_n, nmask,
-                      offs_d, dmask, D, LOG2_BM, PREC, FROM_STORED)
-
-
-@triton.jit
-def bwd_dqdk(Q, K, G, U, S, LSE, DG, OUT, T, n_chunks, scale_log2, scale,
-             DK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-             BKO: tl.constexpr, FOR_DQ: tl.constexpr):
-    """FOR_DQ: program (row chunk, out block, batch) -> dq rows; else (column chunk, ...) ->
-    dk rows. dlogit[t, j] = alpha[t, j] gamma_t (<u_t, s_j> - dgamma_t) for j < t."""
-    blk = tl.program_id(0)
-    ko = tl.program_id(1) * BKO + tl.arange(0, BKO)
-    b = tl.program_id(2).to(tl.int64)
-    q_ptr = Q + b * T * DK
-    k_ptr = K + b * T * DK
-    ar = tl.arange(0, BM)
-    acc = tl.zeros([BM, BKO], dtype=tl.float32)
-    if FOR_DQ:
-        lo = 0
-        hi = blk + 1
-    else:
-        lo = blk
-        hi = n_chunks
-    for i in range(lo, hi):
-        if FOR_DQ:
-            r = blk
-            c = i
-        else:
-            r = i
-            c = blk
-        offs_m = r * BM + ar
-        offs_n = c * BM + ar
-        rmask = offs_m < T
-        sc = _scores(q_ptr, k_ptr, r * BM, c * BM, T, DK, BM, BM, BK) * scale_log2
-        lse = tl.load(LSE + b * T + offs_m, mask=rmask, other=float("inf"))
-        strict = (offs_n[None, :] < offs_m[:, None]) & (offs_n[None, :] < T)
-        p = tl.where(strict, tl.exp2(sc - lse[:, None]), 0.0)
-        gu = _scores(U + b * T * D, S + b * T * D, r * BM, c * BM, T, D, BM, BM, BK)
-        g = tl.load(G + b * T + offs_m, mask=rmask, other=0.0).to(tl.float32)
-        dg = tl.load(DG + b * T + offs_m, mask=rmask, other=0.0)
-        dl = p * g[:, None] * (gu - dg[:, None])
-        if FOR_DQ:
-            kv = tl.load(k_ptr + offs_n[:, None] * DK + ko[None, :],
-                         mask=(offs_n[:, None] < T) & (ko[None, :] < DK), other=0.0)
-            acc = tl.dot(dl.to(kv.dtype), kv, acc)
-        else:
-            qv = tl.load(q_ptr + offs_m[:, None] * DK + ko[None, :],
-                         mask=rmask[:, None] & (ko[None, :] < DK), other=0.0)
-            acc = tl.dot(tl.trans(dl.to(qv.dtype)), qv, acc)
-    offs_o = blk * BM + ar
-    tl.store(OUT + b * T * DK + offs_o[:, None] * DK + ko[None, :], acc * scale,
-             mask=(offs_o[:, None] < T) & (ko[None, :] < DK))
+                      offs_d, dmask, D, LOG2_BM, PREC)
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Triton kernels of the "panel" variant of the two feedback solves (``SESSA_SOLVE=panel``).
+"""Triton kernels of the "panel" variant of the two feedback solves (``solve="panel"``, the default).
 
 The queue solves in ``_fb_kernels`` recompute the BM x BM score tile (a DK-long contraction)
 in every channel-block program: N_DBLK times per tile. Here the scores of a *super-chunk* of
@@ -8,8 +8,8 @@ recomputing them. Per super-chunk:
 
 forward (rows [r0*BM, r0*BM + W), all past columns):
   1. ``fwd_panel_scores``, one program per tile (row chunk r, column chunk c <= r, batch):
-     ``P = exp2(score - m)`` with ``m`` the row max over the tile, stored in the panel dtype
-     (the input dtype, or float32 with ``SESSA_PANEL_SCRATCH=fp32``) (diagonal tiles, strict lower, in float32 to a separate (B, T, BM) scratch, so the
+     ``P = exp2(score - m)`` with ``m`` the row max over the tile, stored in the input dtype
+     (diagonal tiles, strict lower, in float32 to a separate (B, T, BM) scratch, so the
      in-chunk solve keeps float32 coefficients as in the queue kernel), and the per-row tile
      statistics (m, sum P) in float32.
   2. ``fwd_panel_lse``, one program per (row chunk, batch): merges the tile statistics into
@@ -17,8 +17,7 @@ forward (rows [r0*BM, r0*BM + W), all past columns):
   3. ``fwd_panel_solve``: the ordered tile queue of ``fwd_solve`` (chunk, batch, channel
      block) with ``alpha_c = P_c * exp2(m_c - lse)`` read from the panel: the row factor is
      applied to the fp32 product ``P_c @ s_c``, so P is rounded once, as in ``fwd_solve``.
-     The past products run in the panel dtype: bf16 operands as in the queue kernels, or
-     float32 tiles times s (exact in float32) in tf32.
+     The past products run in the input dtype (bf16 operands, as in the queue kernels).
 adjoint (column chunks [c_lo, c_hi), W = (c_hi - c_lo) BM, all later rows, super-chunks in
 reverse time):
   1. ``bwd_panel_scores``: ``alpha = exp2(score - lse)`` for each tile (row chunk r >= c,
@@ -115,8 +114,7 @@ def fwd_panel_lse(STM, STL, LSE, T, W, NC, r0, BM: tl.constexpr, BC: tl.constexp
 @triton.jit
 def fwd_panel_solve(G, F, S, R, LSE, PANEL, DIAG, STM, FLAGS, COUNTER, T, B, W, T_PAD, NC,
                     r0, n_local, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
-                    FROM_STORED: tl.constexpr):
+                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
     """Ordered tile queue over (local chunk, batch, channel block), as ``fwd_solve``."""
     dblk, b, i = _claim_tile(COUNTER, N_DBLK, B)
     r = r0 + i
@@ -153,7 +151,7 @@ def fwd_panel_solve(G, F, S, R, LSE, PANEL, DIAG, STM, FLAGS, COUNTER, T, B, W, 
     io_off = offs_m[:, None] * D + offs_d[None, :]
     f = tl.load(F + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32)
     x = _unit_lower_solve(p * g[:, None], f + g[:, None] * acc, LOG2_BM, PREC)
-    x = _store_solved(s_ptr + io_off, x, io_mask, FROM_STORED)
+    x = _store_solved(s_ptr + io_off, x, io_mask)
     rr = acc + tl.dot(p, x, input_precision=PREC)
     tl.store(R + b * T * D + io_off, rr, mask=io_mask)
     tl.debug_barrier()
@@ -186,8 +184,7 @@ def bwd_panel_scores(Q, K, LSE, PANEL, DIAG, T, W, T_PAD, c_lo, scale_log2,
 @triton.jit
 def bwd_panel_solve(G, DS, U, R, DG, PANEL, DIAG, FLAGS, COUNTER, T, B, W, T_PAD, n_chunks,
                     c_lo, c_hi, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
-                    FROM_STORED: tl.constexpr):
+                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
     """Ordered tile queue in reverse time over the column chunks [c_lo, c_hi) of the
     super-chunk, as ``bwd_solve``."""
     dblk, b, rank = _claim_tile(COUNTER, N_DBLK, B)
@@ -219,4 +216,4 @@ def bwd_panel_solve(G, DS, U, R, DG, PANEL, DIAG, FLAGS, COUNTER, T, B, W, T_PAD
     p = tl.load(DIAG + b * T_PAD * BM + offs_n[:, None] * BM + ar[None, :],
                 mask=nmask[:, None], other=0.0)
     _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag_ptr + c * N_DBLK, b, T, offs_n, nmask,
-                      offs_d, dmask, D, LOG2_BM, PREC, FROM_STORED)
+                      offs_d, dmask, D, LOG2_BM, PREC)

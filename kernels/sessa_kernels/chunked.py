@@ -15,9 +15,12 @@ time, never forming the T x T matrix:
   softmax backward ``dlogit[t, j] = alpha[t, j] gamma_t (<u_t, s_j> - dgamma_t)``, which gives
   ``dq_b = scale dlogit @ k_b`` and ``dk_b = scale dlogit^T @ q_b`` chunk row by chunk row.
 
-Memory: a custom ``autograd.Function`` saves only O(T D) tensors (q_b, k_b, gamma, f, s, the
-per-row log-sum-exp and r); temporaries are O(C T) per chunk (one chunk's scores against the
-past). Everything runs in float32 (float64 for float64 inputs). This is the readable
+Memory: the backward needs only O(T D) tensors (q_b, k_b, gamma, s, the per-row log-sum-exp
+and r); temporaries are O(C T) per chunk (one chunk's scores against the past). The forward
+and backward are PyTorch custom operators (``sessa::feedback_chunked_fwd`` / ``_bwd``, autograd
+registered, fake implementations for shapes), like the Triton kernels' operators, so
+torch.compile keeps the chunk loop as one opaque call (and the CPU tests exercise the same
+operator machinery as the GPU path). Everything runs in float32 (float64 for float64 inputs). This is the readable
 reference of the Triton kernels in ``triton_feedback.py`` (same blocking, same statistics) and
 the CPU path; on a GPU it is correct but launch-bound (a Python loop over T / C chunks).
 """
@@ -129,26 +132,52 @@ def _backward(q: Tensor, k: Tensor, g: Tensor, s: Tensor, lse: Tensor, r: Tensor
     return dq, dk, dgamma, u
 
 
-class _FeedbackChunked(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float,
-                chunk_size: int) -> Tensor:
-        dt = _solve_dtype(q_b, k_b, gamma, f)
-        q, k, g = q_b.to(dt), k_b.to(dt), gamma.to(dt)
-        s, lse, r = _forward(q, k, g, f.to(dt), scale, chunk_size)
-        ctx.save_for_backward(q_b, k_b, gamma, s, lse, r)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
-        ctx.dtypes = (q_b.dtype, k_b.dtype, gamma.dtype, f.dtype)
-        return s.to(f.dtype)
+@torch.library.custom_op("sessa::feedback_chunked_fwd", mutates_args=())
+def feedback_chunked_fwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float,
+                         chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward solve on inputs of one float dtype (the solve dtype): (s, lse, r) in that dtype;
+    lse (B, T) in natural-log units (+inf at t = 0)."""
+    return _forward(q_b, k_b, gamma, f, scale, chunk_size)
 
-    @staticmethod
-    def backward(ctx, ds: Tensor):
-        q_b, k_b, gamma, s, lse, r = ctx.saved_tensors
-        dt = s.dtype
-        dq, dk, dg, df = _backward(q_b.to(dt), k_b.to(dt), gamma.to(dt), s, lse, r, ds.to(dt),
-                                   ctx.scale, ctx.chunk_size)
-        tq, tk, tg, tf = ctx.dtypes
-        return dq.to(tq), dk.to(tk), dg.to(tg), df.to(tf), None, None
+
+@feedback_chunked_fwd.register_fake
+def _(q_b, k_b, gamma, f, scale, chunk_size):
+    B, T, D = f.shape
+    return f.new_empty(B, T, D), f.new_empty(B, T), f.new_empty(B, T, D)
+
+
+@torch.library.custom_op("sessa::feedback_chunked_bwd", mutates_args=())
+def feedback_chunked_bwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, s: Tensor, lse: Tensor,
+                         r: Tensor, ds: Tensor, scale: float, chunk_size: int
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq_b, dk_b, dgamma, df) from the forward's saved state and ds, in the solve dtype."""
+    return _backward(q_b, k_b, gamma, s, lse, r, ds.to(s.dtype), scale, chunk_size)
+
+
+@feedback_chunked_bwd.register_fake
+def _(q_b, k_b, gamma, s, lse, r, ds, scale, chunk_size):
+    return (torch.empty_like(q_b, memory_format=torch.contiguous_format),
+            torch.empty_like(k_b, memory_format=torch.contiguous_format),
+            torch.empty_like(gamma, memory_format=torch.contiguous_format),
+            torch.empty_like(s, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q_b, k_b, gamma, _f, scale, chunk_size = inputs
+    s, lse, r = output
+    ctx.save_for_backward(q_b, k_b, gamma, s, lse, r)
+    ctx.settings = (scale, chunk_size)
+    ctx.mark_non_differentiable(lse, r)
+
+
+def _backward_formula(ctx, ds, _dlse, _dr):
+    q_b, k_b, gamma, s, lse, r = ctx.saved_tensors
+    if ds is None:
+        ds = torch.zeros_like(s)
+    return (*feedback_chunked_bwd(q_b, k_b, gamma, s, lse, r, ds, *ctx.settings), None, None)
+
+
+feedback_chunked_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def feedback_chunked(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
@@ -165,4 +194,7 @@ def feedback_chunked(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
     scale = q_b.shape[-1] ** -0.5 if scale is None else float(scale)
     if q_b.shape[1] == 0:
         return f.clone()
-    return _FeedbackChunked.apply(q_b, k_b, gamma, f, scale, chunk_size)
+    dt = _solve_dtype(q_b, k_b, gamma, f)
+    s, _, _ = feedback_chunked_fwd(q_b.to(dt), k_b.to(dt), gamma.to(dt), f.to(dt), scale,
+                                   int(chunk_size))
+    return s.to(f.dtype)

@@ -10,7 +10,8 @@ online max and sum) and then its values once, one channel block at a time; a sec
 kernel merges the splits' (max, sum, partial output) and adds f_t. A plain PyTorch fallback
 (float32) runs everywhere else.
 
-The Triton path is CUDA-graph capturable: no host synchronisation, no ``.item()``, the device
+The Triton path is a PyTorch custom operator, ``sessa::feedback_decode_triton``, so a
+torch.compile'd decode step calls it as one opaque op. It is CUDA-graph capturable: no host synchronisation, no ``.item()``, the device
 query is cached (``_sm_count``), and the scratch buffers (allocated per call, from the graph's
 pool while capturing) have shapes fixed by (B, P, Dk, D). A captured step replays with the
 context length P of its capture; it reads q_b_t, gamma_t, f_t and the caches from the
@@ -43,9 +44,19 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _decode_triton(q: Tensor, g: Tensor, f: Tensor, K: Tensor, S: Tensor, scale: float
-                   ) -> Tensor:
+@torch.library.custom_op("sessa::feedback_decode_triton", mutates_args=())
+def feedback_decode_triton(q_b_t: Tensor, gamma_t: Tensor, f_t: Tensor, K_b: Tensor, S: Tensor,
+                           scale: float) -> Tensor:
+    """The split-K Triton read as a PyTorch custom operator (opaque to torch.compile; no
+    autograd: decoding runs without gradients). Returns a new (B, D) tensor in f_t's dtype.
+    The caches may be views of preallocated (B, capacity, D) buffers: rows must be dense, the
+    batch stride is passed to the kernel, so no copy of the cache is made."""
     from sessa_kernels import _decode_kernels as kern
+
+    DK = K_b.shape[2]
+    K = K_b if K_b.stride(2) == 1 and K_b.stride(1) == DK else K_b.contiguous()
+    S = S if S.stride(2) == 1 and S.stride(1) == S.shape[2] else S.contiguous()
+    q, g, f = q_b_t.contiguous(), gamma_t.contiguous(), f_t.contiguous()
 
     B, P, DK = K.shape
     D = S.shape[-1]
@@ -73,6 +84,11 @@ def _decode_triton(q: Tensor, g: Tensor, f: Tensor, K: Tensor, S: Tensor, scale:
     return out
 
 
+@feedback_decode_triton.register_fake
+def _(q_b_t, gamma_t, f_t, K_b, S, scale):
+    return torch.empty_like(f_t, memory_format=torch.contiguous_format)
+
+
 def feedback_decode_step(q_b_t: Tensor, gamma_t: Tensor, f_t: Tensor, K_b: Tensor, S: Tensor,
                          scale: float | None = None, *, impl: str = "auto") -> Tensor:
     """The feedback read of one new token; returns s_t (B, D) with f_t's dtype.
@@ -98,9 +114,4 @@ def feedback_decode_step(q_b_t: Tensor, gamma_t: Tensor, f_t: Tensor, K_b: Tenso
                                       and f_t.dtype != torch.float64)
     if not use_triton:
         return feedback_decode_torch(q_b_t, gamma_t, f_t, K_b, S, scale)
-    # The caches may be views of preallocated (B, capacity, D) buffers: rows must be dense,
-    # the batch stride is passed to the kernel, so no copy of the cache is made.
-    K_b = K_b if K_b.stride(2) == 1 and K_b.stride(1) == DK else K_b.contiguous()
-    S = S if S.stride(2) == 1 and S.stride(1) == S.shape[2] else S.contiguous()
-    return _decode_triton(q_b_t.contiguous(), gamma_t.contiguous(), f_t.contiguous(), K_b, S,
-                          scale)
+    return feedback_decode_triton(q_b_t, gamma_t, f_t, K_b, S, scale)

@@ -3,23 +3,30 @@
 ``feedback_triton(q_b, k_b, gamma, f)`` solves ``(I - B_fb) s = f`` with
 ``B_fb[t, j] = gamma_t softmax_{j<t}(scale q_b[t] . k_b[j])`` like
 ``sessa_pt.models.feedback.feedback_dense``, without a T x T tensor: the routing scores, the
-normaliser over the strict past, gamma and the blocked solve are one kernel
-(``_fb_kernels.fwd_solve``); the backward is the adjoint solve in reverse time (which also
-gives dgamma) and one softmax-backward kernel launched for dq and for dk. Operands of the
+normaliser over the strict past, gamma and the blocked solve are fused (``_fb_kernels``,
+``_fb_panel_kernels``); the backward is the adjoint solve in reverse time (which also gives
+dgamma) and one softmax-backward kernel for dq and dk (``bwd_dqdk_pairs``). Operands of the
 matrix products are in the input dtype (bf16 in training), accumulation and the in-chunk
-solves in float32. Saved for backward: q_b, k_b, gamma, s and, in float32, the row log-sum-exp
-(B, T) and r = alpha @ s (B, T, D): O(T D) memory. r and dgamma are computed from s and u as
-stored (rounded to the input dtype), the values the dq/dk kernel reads (``from_stored``,
-``SESSA_FROM_STORED``, default on).
+solves in float32. Saved for backward: q_b, k_b, gamma, s and, in float32, the row
+log-sum-exp (B, T, log2 units) and r = alpha @ s (B, T, D): O(T D) memory. r and dgamma are
+computed from s and u as stored (rounded to the input dtype), the values the dq/dk kernel
+reads (kernels/NOTES.md, "Panel precision").
 
 Two variants of the forward and adjoint solves, with the same outputs and gradients:
-"panel" (default; ``_fb_panel_kernels``: the scores once per super-chunk of W rows into a
-scratch panel of B x W x T_pad elements, O(W T) and at most ``SESSA_PANEL_MIB`` MiB, see
-``panel_width``; never T x T unless that fits the budget; tiles in the input dtype or, with
-``SESSA_PANEL_SCRATCH=fp32``, in float32) and "queue" (``SESSA_SOLVE=queue`` or
-``solve="queue"``; ``_fb_kernels``: the score tile recomputed by every channel-block program,
+``solve="panel"`` (default; ``_fb_panel_kernels``: the scores once per super-chunk of W rows
+into a scratch panel of B x W x T_pad elements in the input dtype, O(W T) and at most
+``panel_mib`` MiB, see ``panel_width``; never T x T unless that fits the budget) and
+``solve="queue"`` (``_fb_kernels``: the score tile recomputed by every channel-block program,
 no scratch). On the H200 the panel layer takes 0.73-0.98x the queue layer's time
 (BENCHMARKS.md).
+
+The forward and the backward are PyTorch custom operators, ``sessa::feedback_triton_fwd`` and
+``sessa::feedback_triton_bwd`` (``torch.library``), with fake implementations (shapes, dtypes,
+contiguous strides) and the autograd formula registered: torch.compile keeps each as one opaque
+call and compiles everything around it (tracing into the kernel launches would make inductor
+re-lower our ``tl.dot`` calls, which fails). The real implementations make every input
+contiguous, as the kernels index with dense row-major offsets, whatever layout the compiled
+graph hands them.
 
 Triton is imported lazily, so ``import sessa_kernels`` works without it. On a machine without
 CUDA the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the
@@ -38,9 +45,11 @@ from torch import Tensor
 from sessa_kernels.chunked import check_feedback_inputs
 
 LOG2E = 1.4426950408889634
+SOLVES = ("panel", "queue")
 
 
 def _interpreting() -> bool:
+    # Triton's own switch for running kernels on the CPU (tests), not a kernel setting.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -59,16 +68,15 @@ def _bk(dk: int) -> int:
 
 
 def panel_width(B: int, T: int, block_m: int, elem_bytes: int,
-                panel_rows: int | None = None) -> int:
+                panel_rows: int | None = None, panel_mib: float = 256.0) -> int:
     """Rows (forward) / columns (adjoint) W of one super-chunk of the panel solve: a multiple
     of block_m, at most T rounded up to block_m. Default: the largest W whose scratch,
     B * W * T_pad panel elements plus 8 bytes of tile statistics per row and column chunk,
-    fits ``SESSA_PANEL_MIB`` MiB (default 256), and at least block_m."""
+    fits ``panel_mib`` MiB (``model.sessa.panel_mib``), and at least block_m."""
     t_pad = math.ceil(T / block_m) * block_m
     if panel_rows is None:
-        budget = float(os.environ.get("SESSA_PANEL_MIB", "256")) * 2**20
         per_row = B * t_pad * (elem_bytes + 8 / block_m)
-        panel_rows = int(budget // per_row)
+        panel_rows = int(panel_mib * 2**20 // per_row)
     w = max(block_m, panel_rows // block_m * block_m)
     return min(w, t_pad)
 
@@ -80,14 +88,13 @@ class _Cfg(NamedTuple):
     block_d: int
     prec: str                      # input_precision of the float32 in-chunk products
     solve: str                     # "queue" or "panel"
-    panel_rows: int | None         # W of the panel solves (None: from SESSA_PANEL_MIB)
-    panel_dtype: torch.dtype       # element type of the off-diagonal panel scratch
-    from_stored: bool              # r and dgamma from the stored (rounded) s and u
+    panel_rows: int | None         # W of the panel solves (None: from panel_mib)
+    panel_mib: float               # scratch budget of the panel solves
+    panel_dtype: torch.dtype       # element type of the off-diagonal panel scratch (input's)
 
     def kernel_args(self) -> dict:
         bm = self.block_m
         return {"BM": bm, "BD": self.block_d, "LOG2_BM": int(math.log2(bm)), "PREC": self.prec,
-                "FROM_STORED": self.from_stored,
                 "num_warps": 8 if self.block_d >= 256 else 4}
 
 
@@ -98,7 +105,7 @@ def _panel_geometry(q, values, cfg: _Cfg):
     D = values.shape[-1]
     bm = cfg.block_m
     nc = math.ceil(T / bm)
-    W = panel_width(B, T, bm, cfg.panel_dtype.itemsize, cfg.panel_rows)
+    W = panel_width(B, T, bm, cfg.panel_dtype.itemsize, cfg.panel_rows, cfg.panel_mib)
     return B, T, DK, D, nc, nc * bm, math.ceil(D / cfg.block_d), W, W // bm
 
 
@@ -149,103 +156,145 @@ def _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, cfg: _Cfg):
             D=D, N_DBLK=n_dblk, **cfg.kernel_args())
 
 
-class _FeedbackTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, cfg: _Cfg) -> Tensor:
-        from sessa_kernels import _fb_kernels as kern
+def _cfg(scale: float, block_m: int, block_d: int, precision: str, solve: str,
+         panel_mib: float, panel_rows: int, dtype: torch.dtype) -> _Cfg:
+    """The validated settings of one call (ValueError says what to fix)."""
+    if block_m < 16 or block_m > 128 or block_m & (block_m - 1):
+        raise ValueError(f"the Triton feedback kernels take chunks (block_m, "
+                         f"model.sessa.chunk_size) of 16, 32, 64 or 128 rows, got {block_m}")
+    if precision not in ("tf32", "tf32x3", "ieee"):
+        raise ValueError(f"precision must be tf32, tf32x3 or ieee, got {precision!r}")
+    if solve not in SOLVES:
+        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
+    if not panel_mib > 0:
+        raise ValueError(f"panel_mib must be positive, got {panel_mib}")
+    return _Cfg(scale, block_m, block_d, precision, solve, panel_rows or None, panel_mib, dtype)
 
-        q, k, g, fc = (x.contiguous() for x in (q_b, k_b, gamma, f))
-        B, T, DK = q.shape
-        D = f.shape[-1]
-        block_m = cfg.block_m
-        n_chunks = math.ceil(T / block_m)
-        n_dblk = math.ceil(D / cfg.block_d)
-        dev = f.device
-        s = torch.empty_like(fc)
-        r = torch.empty(B, T, D, dtype=torch.float32, device=dev)
-        lse = torch.empty(B, T, dtype=torch.float32, device=dev)
-        flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
-        if cfg.solve == "panel":
-            _fwd_panel(q, k, g, fc, s, r, lse, flags, cfg)
-        else:
-            counter = torch.zeros(1, dtype=torch.int32, device=dev)
-            kern.fwd_solve[(n_chunks * B * n_dblk,)](
-                q, k, g, fc, s, r, lse, flags, counter, T, B, n_chunks, cfg.scale * LOG2E,
-                DK=DK, D=D, BK=_bk(DK), N_DBLK=n_dblk, **cfg.kernel_args())
-        ctx.save_for_backward(q, k, g, s, lse, r)
-        ctx.cfg = cfg
-        return s
 
-    @staticmethod
-    def backward(ctx, ds: Tensor):
-        from sessa_kernels import _fb_kernels as kern
+@torch.library.custom_op("sessa::feedback_triton_fwd", mutates_args=())
+def feedback_triton_fwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float,
+                        block_m: int, block_d: int, precision: str, solve: str,
+                        panel_mib: float, panel_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward solve: (s, lse, r). s (B, T, D) in f's dtype; lse (B, T) float32 in log2 units
+    (+inf at t = 0); r (B, T, D) float32. q_b, k_b in f's dtype (float16, bfloat16 or
+    float32); gamma any float dtype. ``panel_rows`` 0: W from ``panel_mib``."""
+    from sessa_kernels import _fb_kernels as kern
 
-        q, k, g, s, lse, r = ctx.saved_tensors
-        cfg = ctx.cfg
-        scale, block_m = cfg.scale, cfg.block_m
-        B, T, DK = q.shape
-        D = s.shape[-1]
-        n_chunks = math.ceil(T / block_m)
-        n_dblk = math.ceil(D / cfg.block_d)
-        dev = s.device
-        ds = ds.contiguous()
-        u = torch.empty_like(s)
-        dg = torch.zeros(B, T, dtype=torch.float32, device=dev)
-        flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
-        bk = _bk(DK)
-        if cfg.solve == "panel":
-            _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, cfg)
-        else:
-            counter = torch.zeros(1, dtype=torch.int32, device=dev)
-            kern.bwd_solve[(n_chunks * B * n_dblk,)](
-                q, k, g, ds, u, r, lse, dg, flags, counter, T, B, n_chunks, scale * LOG2E,
-                DK=DK, D=D, BK=bk, N_DBLK=n_dblk, **cfg.kernel_args())
-        bkd = min(64, max(16, triton_next_pow2(D)))
-        if os.environ.get("SESSA_DQDK", "pairs") == "pairs":
-            dq = torch.zeros(B, T, DK, dtype=torch.float32, device=dev)
-            dk = torch.zeros(B, T, DK, dtype=torch.float32, device=dev)
-            bko = min(64, max(16, triton_next_pow2(DK)))
-            kern.bwd_dqdk_pairs[(n_chunks, n_chunks, B)](
-                q, k, g, u, s, lse, dg, dq, dk, T, scale * LOG2E, scale,
-                DK=DK, D=D, BM=block_m, BK=min(bk, bkd), BKO=bko, num_warps=4)
-        else:
-            bko = min(128, max(16, triton_next_pow2(DK)))
-            grid = (n_chunks, math.ceil(DK / bko), B)
-            dq = torch.empty(B, T, DK, dtype=torch.float32, device=dev)
-            dk = torch.empty(B, T, DK, dtype=torch.float32, device=dev)
-            for out, for_dq in ((dq, True), (dk, False)):
-                kern.bwd_dqdk[grid](q, k, g, u, s, lse, dg, out, T, n_chunks, scale * LOG2E,
-                                    scale, DK=DK, D=D, BM=block_m, BK=min(bk, bkd), BKO=bko,
-                                    FOR_DQ=for_dq, num_warps=4)
-        return dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u, None
+    q, k, g, fc = (x.contiguous() for x in (q_b, k_b, gamma, f))
+    cfg = _cfg(scale, block_m, block_d, precision, solve, panel_mib, panel_rows, fc.dtype)
+    B, T, DK = q.shape
+    D = fc.shape[-1]
+    n_chunks = math.ceil(T / block_m)
+    n_dblk = math.ceil(D / block_d)
+    dev = fc.device
+    s = torch.empty_like(fc)
+    r = torch.empty(B, T, D, dtype=torch.float32, device=dev)
+    lse = torch.empty(B, T, dtype=torch.float32, device=dev)
+    if T == 0:
+        return s, lse, r
+    flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
+    if cfg.solve == "panel":
+        _fwd_panel(q, k, g, fc, s, r, lse, flags, cfg)
+    else:
+        counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        kern.fwd_solve[(n_chunks * B * n_dblk,)](
+            q, k, g, fc, s, r, lse, flags, counter, T, B, n_chunks, cfg.scale * LOG2E,
+            DK=DK, D=D, BK=_bk(DK), N_DBLK=n_dblk, **cfg.kernel_args())
+    return s, lse, r
+
+
+@feedback_triton_fwd.register_fake
+def _(q_b, k_b, gamma, f, scale, block_m, block_d, precision, solve, panel_mib, panel_rows):
+    B, T, D = f.shape
+    return (f.new_empty(B, T, D), f.new_empty(B, T, dtype=torch.float32),
+            f.new_empty(B, T, D, dtype=torch.float32))
+
+
+@torch.library.custom_op("sessa::feedback_triton_bwd", mutates_args=())
+def feedback_triton_bwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, s: Tensor, lse: Tensor,
+                        r: Tensor, ds: Tensor, scale: float, block_m: int, block_d: int,
+                        precision: str, solve: str, panel_mib: float, panel_rows: int
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward from the forward's saved state and ds: (dq_b, dk_b, dgamma, df) in the dtypes
+    of q_b, k_b, gamma and s."""
+    from sessa_kernels import _fb_kernels as kern
+
+    q, k, g, s, lse, r, ds = (x.contiguous() for x in (q_b, k_b, gamma, s, lse, r, ds))
+    cfg = _cfg(scale, block_m, block_d, precision, solve, panel_mib, panel_rows, s.dtype)
+    B, T, DK = q.shape
+    D = s.shape[-1]
+    n_chunks = math.ceil(T / block_m)
+    n_dblk = math.ceil(D / block_d)
+    dev = s.device
+    ds = ds.to(s.dtype)
+    u = torch.empty_like(s)
+    dg = torch.zeros(B, T, dtype=torch.float32, device=dev)
+    dq = torch.zeros(B, T, DK, dtype=torch.float32, device=dev)
+    dk = torch.zeros(B, T, DK, dtype=torch.float32, device=dev)
+    if T == 0:
+        return dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u
+    flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
+    bk = _bk(DK)
+    if cfg.solve == "panel":
+        _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, cfg)
+    else:
+        counter = torch.zeros(1, dtype=torch.int32, device=dev)
+        kern.bwd_solve[(n_chunks * B * n_dblk,)](
+            q, k, g, ds, u, r, lse, dg, flags, counter, T, B, n_chunks, scale * LOG2E,
+            DK=DK, D=D, BK=bk, N_DBLK=n_dblk, **cfg.kernel_args())
+    bkd = min(64, max(16, triton_next_pow2(D)))
+    bko = min(64, max(16, triton_next_pow2(DK)))
+    kern.bwd_dqdk_pairs[(n_chunks, n_chunks, B)](
+        q, k, g, u, s, lse, dg, dq, dk, T, scale * LOG2E, scale,
+        DK=DK, D=D, BM=block_m, BK=min(bk, bkd), BKO=bko, num_warps=4)
+    return dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u
+
+
+@feedback_triton_bwd.register_fake
+def _(q_b, k_b, gamma, s, lse, r, ds, scale, block_m, block_d, precision, solve, panel_mib,
+      panel_rows):
+    return (torch.empty_like(q_b, memory_format=torch.contiguous_format),
+            torch.empty_like(k_b, memory_format=torch.contiguous_format),
+            torch.empty_like(gamma, memory_format=torch.contiguous_format),
+            torch.empty_like(s, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q_b, k_b, gamma, _f, *settings = inputs
+    s, lse, r = output
+    ctx.save_for_backward(q_b, k_b, gamma, s, lse, r)
+    ctx.settings = settings
+    ctx.mark_non_differentiable(lse, r)
+
+
+def _backward(ctx, ds, _dlse, _dr):
+    q_b, k_b, gamma, s, lse, r = ctx.saved_tensors
+    if ds is None:
+        ds = torch.zeros_like(s)
+    dq, dk, dg, df = feedback_triton_bwd(q_b, k_b, gamma, s, lse, r, ds, *ctx.settings)
+    return (dq, dk, dg, df) + (None,) * len(ctx.settings)
+
+
+feedback_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
                     scale: float | None = None, block_m: int | None = None,
                     block_d: int | None = None, precision: str = "tf32",
-                    solve: str | None = None, panel_rows: int | None = None,
-                    panel_scratch: str | None = None, from_stored: bool | None = None
-                    ) -> Tensor:
+                    solve: str = "panel", panel_mib: float = 256.0,
+                    panel_rows: int | None = None) -> Tensor:
     """Fused feedback solve; returns ``s`` with the shape and dtype of ``f``.
 
     Differentiable w.r.t. q_b, k_b, gamma and f. Inputs must be CUDA tensors (or CPU tensors
     under ``TRITON_INTERPRET=1``) of dtype float16, bfloat16 or float32 (float64 is computed
-    in float32 and cast back). ``block_m`` (rows per chunk, a power of two >= 16),
-    ``block_d`` (channels per program) and ``precision`` (Triton ``input_precision`` of the
-    float32 in-chunk products: "tf32", "tf32x3" or "ieee") are tuning knobs.
+    in float32 and cast back). ``block_m``: rows per chunk (16, 32, 64 or 128; default 64,
+    the measured setting; ``model.sessa.chunk_size``). ``block_d`` (channels per program) and
+    ``precision`` (Triton ``input_precision`` of the float32 in-chunk products: "tf32",
+    "tf32x3" or "ieee") are tuning knobs.
 
-    ``solve`` picks the forward / adjoint solve kernels: "panel" (default; scores once per
-    super-chunk of ``panel_rows`` rows into an O(W T) scratch, see ``panel_width``) or "queue"
-    (scores recomputed per channel block, no scratch); None reads ``SESSA_SOLVE`` (default
-    "panel").
-    ``panel_scratch``: element type of the panel's off-diagonal tiles, "input" (the input
-    dtype, bf16 in training) or "fp32" (then the past products run in tf32 on float32 tiles;
-    twice the bytes, so W halves for the same ``SESSA_PANEL_MIB``); None reads
-    ``SESSA_PANEL_SCRATCH`` (default "input", see kernels/NOTES.md).
-    ``from_stored``: r = alpha @ s (forward) and dgamma = <u, r> (adjoint) from s and u as
-    stored in the input dtype, the values the dq/dk kernel reads, rather than from the float32
-    solutions before rounding (keeps the dlogit rows consistent: about 3x smaller dq/dk error
-    with bf16 under sharp routing); None reads ``SESSA_FROM_STORED`` (default 1).
+    ``solve``: "panel" (default; scores once per super-chunk of W rows into an O(W T)
+    scratch of at most ``panel_mib`` MiB, see ``panel_width``) or "queue" (scores recomputed
+    per channel block, no scratch). ``panel_rows`` sets W directly (tests, benchmarks).
     """
     check_feedback_inputs(q_b, k_b, gamma, f)
     if not (f.is_cuda or _interpreting()):
@@ -257,25 +306,10 @@ def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
     if T == 0:
         return f.clone()
     bm, bd = _blocks(T, D, block_m, block_d)
-    if bm < 16 or bm & (bm - 1):
-        raise ValueError(f"block_m must be a power of two >= 16, got {bm}")
-    if precision not in ("tf32", "tf32x3", "ieee"):
-        raise ValueError(f"precision must be tf32, tf32x3 or ieee, got {precision!r}")
-    solve = solve or os.environ.get("SESSA_SOLVE", "panel")
-    if solve not in ("queue", "panel"):
-        raise ValueError(f"solve (or SESSA_SOLVE) must be queue or panel, got {solve!r}")
-    panel_scratch = panel_scratch or os.environ.get("SESSA_PANEL_SCRATCH", "input")
-    if panel_scratch not in ("input", "fp32"):
-        raise ValueError("panel_scratch (or SESSA_PANEL_SCRATCH) must be input or fp32, got "
-                         f"{panel_scratch!r}")
-    if from_stored is None:
-        from_stored = os.environ.get("SESSA_FROM_STORED", "1") != "0"
     dt = torch.float32 if f.dtype == torch.float64 else f.dtype
     if dt not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"unsupported dtype {dt}")
-    cfg = _Cfg(scale, bm, bd, precision, solve, panel_rows,
-               torch.float32 if panel_scratch == "fp32" else dt, bool(from_stored))
-    if f.dtype == torch.float64:
-        args = [x.float() for x in (q_b, k_b, gamma, f)]
-        return _FeedbackTriton.apply(*args, cfg).double()
-    return _FeedbackTriton.apply(q_b.to(dt), k_b.to(dt), gamma, f, cfg)
+    settings = (scale, bm, bd, precision, solve, float(panel_mib), int(panel_rows or 0))
+    _cfg(*settings, dt)       # validate before any launch
+    s, _, _ = feedback_triton_fwd(q_b.to(dt), k_b.to(dt), gamma, f.to(dt), *settings)
+    return s.to(f.dtype)

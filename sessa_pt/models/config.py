@@ -21,7 +21,32 @@ class SessaOptions:
     gamma_bias_init: float | None = None  # None: 1.0 (reference) / 0.0 (paper)
     fb_dim: int | None = None           # feedback width; None = d_model (paper variant may differ)
     impl: str = "dense"                 # dense | chunked | triton
-    chunk_size: int = 64                # chunked / triton feedback
+    chunk_size: int = 64                # rows solved together. dense: unused; chunked: any
+                                        # positive value (same result up to rounding);
+                                        # triton: 16, 32, 64 or 128 (64 is the measured one)
+    solve: str = "panel"                # triton only: panel (scores once per super-chunk
+                                        # into a scratch of <= panel_mib; the faster) | queue
+                                        # (scores recomputed per channel block, no scratch)
+    panel_mib: float = 256.0            # triton solve=panel: scratch budget in MiB; sets the
+                                        # super-chunk width W (memory vs time, same result)
+
+
+    def errors(self) -> list[str]:
+        from sessa_pt.models.feedback import FEEDBACK_IMPLS
+
+        e = []
+        if self.impl not in FEEDBACK_IMPLS:
+            e.append(f"model.sessa.impl={self.impl!r}: choose one of {FEEDBACK_IMPLS}")
+        if self.chunk_size < 1:
+            e.append(f"model.sessa.chunk_size={self.chunk_size} must be positive")
+        elif self.impl == "triton" and self.chunk_size not in (16, 32, 64, 128):
+            e.append(f"model.sessa.chunk_size={self.chunk_size}: the Triton kernels take 16, "
+                     "32, 64 or 128 rows per chunk (64 is the tuned default)")
+        if self.solve not in ("panel", "queue"):
+            e.append(f"model.sessa.solve={self.solve!r}: choose panel or queue")
+        if not self.panel_mib > 0:
+            e.append(f"model.sessa.panel_mib={self.panel_mib} must be positive")
+        return e
 
 
 @dataclass
@@ -85,6 +110,8 @@ class ModelConfig:
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
             errors.append(f"n_kv_heads={kv} must divide n_heads={self.n_heads}")
+        if "sessa" in self.mixers():
+            errors += self.sessa.errors()
         if "mamba2" in self.mixers():
             d_inner = self.mamba2.expand * self.d_model
             if d_inner % self.mamba2.head_dim:

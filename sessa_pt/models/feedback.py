@@ -96,11 +96,17 @@ def sessa_feedback(
     impl: str = "dense",
     scale: float | None = None,
     chunk_size: int = 64,
+    solve: str = "panel",
+    panel_mib: float = 256.0,
 ) -> Tensor:
     """The whole feedback branch through the chosen implementation.
 
-    ``dense``: this module (materialises T x T). ``chunked``: blocked forward substitution in plain
-    PyTorch, O(T) memory (``sessa_kernels.chunked``). ``triton``: the fused GPU kernels.
+    ``dense``: this module (materialises T x T; ``chunk_size`` unused). ``chunked``: blocked
+    forward substitution in plain PyTorch, O(T) memory, ``chunk_size`` rows at a time
+    (``sessa_kernels.chunked``). ``triton``: the fused GPU kernels, chunks of ``chunk_size``
+    rows (16, 32, 64 or 128), ``solve`` (panel | queue) and ``panel_mib`` as in
+    ``sessa_kernels.triton_feedback.feedback_triton``. ``chunked`` and ``triton`` run as
+    PyTorch custom operators, opaque to torch.compile.
     """
     if impl == "dense":
         return feedback_dense(q_b, k_b, gamma, f, scale=scale)
@@ -109,11 +115,8 @@ def sessa_feedback(
 
         return feedback_chunked(q_b, k_b, gamma, f, scale=scale, chunk_size=chunk_size)
     if impl == "triton":
-        if not f.is_cuda:
-            raise ValueError("impl='triton' needs CUDA tensors; use impl='chunked' on CPU")
         from sessa_kernels.triton_feedback import feedback_triton
 
-        # Our hand-written kernels run as they are inside a torch.compile'd block: inductor
-        # would re-lower their tl.dot calls and fails to (seen with torch 2.11 / triton 3.6).
-        return torch.compiler.disable(feedback_triton)(q_b, k_b, gamma, f, scale=scale)
+        return feedback_triton(q_b, k_b, gamma, f, scale=scale, block_m=chunk_size,
+                               solve=solve, panel_mib=panel_mib)
     raise ValueError(f"unknown feedback impl {impl!r}; choose one of {FEEDBACK_IMPLS}")

@@ -13,6 +13,7 @@ initialised to 0, and a feedback width ``fb_dim`` that may differ from D.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sessa_pt.models.attention import AttentionMixer, KVCache, SeqBuffer
@@ -34,6 +35,8 @@ class SessaMixer(AttentionMixer):
         fb_dim: int | None = None,
         impl: str = "dense",
         chunk_size: int = 64,
+        solve: str = "panel",
+        panel_mib: float = 256.0,
         use_rope: bool = True,
         rope_base: float = 10000.0,
     ) -> None:
@@ -50,6 +53,7 @@ class SessaMixer(AttentionMixer):
             if not 0.0 < gamma_max < 1.0:
                 raise ValueError(f"gamma_max must lie in (0, 1), got {gamma_max}")
         self.variant, self.impl, self.chunk_size = variant, impl, chunk_size
+        self.solve, self.panel_mib = solve, panel_mib
         self.fb_dim = d_model if fb_dim is None else fb_dim
         self.gamma_max = gamma_max if variant == "reference" else 1.0
         if gamma_bias_init is None:
@@ -70,15 +74,37 @@ class SessaMixer(AttentionMixer):
         self.f_to_local: nn.Module = nn.Identity()
         self.routing_grad_sync: nn.Module = nn.Identity()
 
-    def gamma(self, a: Tensor) -> Tensor:
-        """Per-token feedback gain (B, T), strictly inside (-1, 1)."""
-        g = torch.tanh(self.gamma_bias + self.gamma_ctx(a).squeeze(-1))
+    def _gain(self, logit: Tensor) -> Tensor:
+        g = torch.tanh(self.gamma_bias + logit)
         return self.gamma_max * g if self.variant == "reference" else g
 
+    def gamma(self, a: Tensor) -> Tensor:
+        """Per-token feedback gain (B, T), strictly inside (-1, 1)."""
+        return self._gain(self.gamma_ctx(a).squeeze(-1))
+
+    def routing_projection(self, a: Tensor) -> Tensor:
+        """[q_b | k_b | gamma logit | zeros] of every token, (B, T, 2 fb_dim + 1 + pad), from
+        one GEMM whose width is padded to a multiple of 8 (16-byte rows in bf16). The gain's
+        own D -> 1 projection (and its backward, a K = 1 outer product) ran as a width-1 GEMM
+        on cuBLAS's alignment-1 kernels, 12.5% of a Sessa training step on the H200 (issue
+        13); folded in here it costs 8 output columns. The parameters stay ``proj_fb`` and
+        ``gamma_ctx``; ``flops_per_token`` counts the model's FLOPs, not the padding."""
+        w, b, wg = self.proj_fb.weight, self.proj_fb.bias, self.gamma_ctx.weight
+        pad = -(w.shape[0] + 1) % 8
+        weight = torch.cat([w, wg, w.new_zeros(pad, w.shape[1])])
+        bias = torch.cat([b, b.new_zeros(1 + pad)])
+        return F.linear(a, weight, bias)
+
     def feedback_inputs(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q_b, k_b = self.proj_fb(a).split(self.fb_dim, dim=-1)
-        sync = self.routing_grad_sync
-        return sync(q_b), sync(k_b), sync(self.gamma(a))
+        """q_b, k_b (B, T, fb_dim) and gamma (B, T). q_b and k_b are strided views of the
+        fused projection; the feedback kernels make their own contiguous copies."""
+        h = self.routing_projection(a)
+        n, sync = self.fb_dim, self.routing_grad_sync
+        # Under TP the gradient sum over ranks must come after every use that a rank's
+        # channel slice makes partial: on q_b | k_b, and on gamma after the gain (so
+        # gamma_bias, added after the projection, gets the summed gradient too).
+        qk = sync(h[..., :2 * n])
+        return qk[..., :n], qk[..., n:], sync(self._gain(h[..., 2 * n]))
 
     def init_cache(self) -> KVCache:
         return KVCache(extra={"k_b": SeqBuffer(1), "s": SeqBuffer(1)})
@@ -87,15 +113,18 @@ class SessaMixer(AttentionMixer):
         f = self.f_to_local(super().forward(a, cache))
         q_b, k_b, gamma = self.feedback_inputs(a)
         if cache is None:
-            return sessa_feedback(q_b, k_b, gamma, f, impl=self.impl, chunk_size=self.chunk_size)
+            return sessa_feedback(q_b, k_b, gamma, f, impl=self.impl, chunk_size=self.chunk_size,
+                                  solve=self.solve, panel_mib=self.panel_mib)
         k_buf, s_buf = cache.extra["k_b"], cache.extra["s"]
         past_k, past_s = k_buf.view, s_buf.view
         if a.shape[1] == 1 and past_k is not None:
-            # One new token: the fused decode read over the cache (Triton on GPU).
+            # One new token: the fused decode read over the cache (Triton on GPU, and with
+            # impl=triton also under Triton's interpreter).
             from sessa_kernels.decode import feedback_decode_step
 
+            read = "triton" if self.impl == "triton" and f.dtype != torch.float64 else "auto"
             s = feedback_decode_step(q_b[:, 0], gamma[:, 0], f[:, 0], past_k, past_s,
-                                     self.fb_dim**-0.5).unsqueeze(1)
+                                     self.fb_dim**-0.5, impl=read).unsqueeze(1)
         else:
             s = feedback_dense(q_b, k_b, gamma, f, past_k_b=past_k, past_s=past_s)
         k_buf.append(k_b)

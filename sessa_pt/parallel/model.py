@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from sessa_pt.models.config import ModelConfig
 from sessa_pt.models.lm import build_stage, chunked_lm_loss, lm_loss
@@ -34,22 +35,33 @@ class Stage(nn.Module):
     """One model stage (``m``), with the name it has in the plain DecoderLM."""
 
     def __init__(self, cfg: ModelConfig, index: int, seed: int, tp: int, pp: int,
-                 compile_blocks: bool = False) -> None:
+                 compile_blocks: bool = False, checkpoint_blocks: bool = False) -> None:
         super().__init__()
         module = build_stage(cfg, index, seed)
         if tp > 1:
             module = apply_tensor_parallel(module, megatron_config(tp, pp))
         self.m = module
         self.plain_prefix = plain_prefix(cfg, index)
+        is_block = 0 < index <= cfg.n_layers
         # The compiled wrapper is kept out of the module tree (object.__setattr__), so parameter
         # names and the state dict stay those of self.m; calling the wrapper still runs the
         # module's hooks (which ZeRO-3 relies on to gather parameters).
         self._compiled = None
-        if compile_blocks and 0 < index <= cfg.n_layers:
+        if compile_blocks and is_block:
             object.__setattr__(self, "_compiled", torch.compile(module))
+        self.checkpoint = checkpoint_blocks and is_block
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.m(x) if self._compiled is None else self._compiled(x)
+        run = self.m if self._compiled is None else self._compiled
+        if self.checkpoint and torch.is_grad_enabled():
+            # Activation checkpointing: keep only the block's input; the backward reruns the
+            # (compiled) block. Non-reentrant, so it composes with torch.compile, TP
+            # communication inside the block and DeepSpeed's pipeline engine (which calls
+            # torch.autograd.backward on the stage outputs). DeepSpeed's own
+            # activation_checkpoint_interval is not used: it is reentrant and would wrap the
+            # embedding and head stages too.
+            return checkpoint(run, x, use_reentrant=False)
+        return run(x)
 
 
 class HeadStage(Stage):
@@ -70,13 +82,14 @@ class SequentialLM(nn.Module):
     """All stages on this rank (pp == 1): forward(input_ids, labels, loss_mask) -> loss."""
 
     def __init__(self, cfg: ModelConfig, seed: int, layout: ParallelLayout,
-                 compile_blocks: bool = False, loss_chunk_tokens: int = 0) -> None:
+                 compile_blocks: bool = False, loss_chunk_tokens: int = 0,
+                 checkpoint_blocks: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.loss_chunk_tokens = loss_chunk_tokens
         n = cfg.n_layers + 2
-        self.stages = nn.ModuleList(Stage(cfg, i, seed, layout.tp, 1, compile_blocks)
-                                    for i in range(n))
+        self.stages = nn.ModuleList(Stage(cfg, i, seed, layout.tp, 1, compile_blocks,
+                                          checkpoint_blocks) for i in range(n))
         self.loss_fn = loss_function(layout.tp)
         if compile_blocks and layout.tp == 1:
             # One fused kernel for the fp32 cast, log-softmax and masked mean: eager mode makes
@@ -112,9 +125,11 @@ def _tied_logits(embedding: Stage, h: Tensor) -> Tensor:
     return F.linear(h, embedding.m.weight)
 
 
-def build_pipeline(cfg: ModelConfig, seed: int, layout: ParallelLayout, topology):
+def build_pipeline(cfg: ModelConfig, seed: int, layout: ParallelLayout, topology,
+                   compile_blocks: bool = False, checkpoint_blocks: bool = False):
     """DeepSpeed PipelineModule over [embedding, blocks..., head]; layers are partitioned
-    uniformly by parameter count-free index ranges (one block each, embedding/head extra)."""
+    uniformly by parameter count-free index ranges (one block each, embedding/head extra).
+    Blocks are compiled and / or activation-checkpointed per block as in ``SequentialLM``."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     L, tp, pp = cfg.n_layers, layout.tp, layout.pp
@@ -125,7 +140,8 @@ def build_pipeline(cfg: ModelConfig, seed: int, layout: ParallelLayout, topology
                                     tied_weight_attr="m.weight"))
     else:
         layers.append(LayerSpec(Stage, cfg, 0, seed, tp, pp))
-    layers += [LayerSpec(Stage, cfg, i, seed, tp, pp) for i in range(1, L + 1)]
+    layers += [LayerSpec(Stage, cfg, i, seed, tp, pp, compile_blocks, checkpoint_blocks)
+               for i in range(1, L + 1)]
     layers.append(LayerSpec(HeadStage, cfg, L + 1, seed, tp, pp))
     if cfg.tie_embeddings:
         layers.append(TiedLayerSpec("embed", Stage, cfg, 0, seed, tp, pp,

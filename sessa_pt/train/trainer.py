@@ -126,12 +126,15 @@ class Trainer:
 
     def _build_model(self) -> None:
         c, lay = self.cfg, self.layout
+        ckpt_blocks = c.train.activation_checkpointing == "blocks"
         if lay.pp > 1:
-            model = build_pipeline(c.model, c.run.seed, lay, deepspeed_topology(lay))
+            model = build_pipeline(c.model, c.run.seed, lay, deepspeed_topology(lay),
+                                   compile_blocks=c.train.compile, checkpoint_blocks=ckpt_blocks)
             mpu = None   # a PipelineModule carries its own grid (DeepSpeed asserts mpu is None)
         else:
             model = SequentialLM(c.model, c.run.seed, lay, compile_blocks=c.train.compile,
-                                 loss_chunk_tokens=c.train.loss_chunk_tokens)
+                                 loss_chunk_tokens=c.train.loss_chunk_tokens,
+                                 checkpoint_blocks=ckpt_blocks)
             mpu = megatron_mpu()
         self.engine = build_engine(model, c, lay.dp, self.cuda, mpu=mpu)
         from sessa_pt.models.lm import DecoderLM

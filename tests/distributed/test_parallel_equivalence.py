@@ -1,9 +1,11 @@
 """Every parallel layout trains exactly like a plain single-process PyTorch run of the same
 model and data: per-step losses and gradient norms equal within 1e-5 (fp32), for a tiny Sessa
 LM and a tiny attention LM (and a tiny Mamba2 LM under TP=2 and PP=2). Layouts (one 2-process
-launch): TP=2, PP=2, DP=2 with ZeRO-0/1/2/3, and DP=2 with the chunked loss, with torch's fused
-AdamW (``optim.fused``) and with ``train.compile`` (inductor on CPU: blocks and loss compiled);
-and TP=2 x PP=2 (one 4-process launch)."""
+launch): TP=2 and PP=2 (both with per-block activation checkpointing; PP=2 also with compiled
+blocks), DP=2 with ZeRO-0/1/2/3, and DP=2 with the chunked loss, with torch's fused AdamW
+(``optim.fused``) and with ``train.compile`` (inductor on CPU: blocks and loss compiled; Sessa
+through the chunked solve's custom operators) plus activation checkpointing; and TP=2 x PP=2
+(one 4-process launch)."""
 
 from __future__ import annotations
 
@@ -16,10 +18,15 @@ from tests.distributed.conftest import read_log, reference_run, tiny_overrides, 
 
 pytestmark = pytest.mark.slow
 STEPS = 3
-LAYOUTS_2 = {"tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2},
+CKPT = {"train.activation_checkpointing": "blocks"}
+# Sessa's compiled layout runs the chunked solve: its custom operators inside the compiled
+# blocks (impl is ignored by the other mixers).
+LAYOUTS_2 = {"tp2": {"parallel.tp": 2, **CKPT},
+             "pp2": {"parallel.pp": 2, "train.compile": True, **CKPT},
              "dp2_zero0": {"parallel.zero_stage": 0},
              "dp2_chunked_loss": {"train.loss_chunk_tokens": 40},
-             "dp2_fused_adamw": {"optim.fused": True}, "dp2_compiled": {"train.compile": True},
+             "dp2_fused_adamw": {"optim.fused": True},
+             "dp2_compiled": {"train.compile": True, "model.sessa.impl": "chunked", **CKPT},
              "dp2_zero1": {"parallel.zero_stage": 1}, "dp2_zero2": {"parallel.zero_stage": 2},
              "dp2_zero3": {"parallel.zero_stage": 3}}
 LAYOUTS_4 = {"tp2_pp2": {"parallel.tp": 2, "parallel.pp": 2}}

@@ -46,10 +46,26 @@ def _train(nproc: int, run_dir: Path, soup: Path, *extra: str) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_sessa_triton_trains_in_bf16(soup, tmp_path):
-    log = _train(1, tmp_path / "one", soup, "model.sessa.impl=triton")
-    losses = [r["loss"] for r in log]
+@pytest.fixture(scope="module")
+def eager_triton_log(soup, tmp_path_factory) -> list[dict]:
+    return _train(1, tmp_path_factory.mktemp("eager") / "one", soup, "model.sessa.impl=triton")
+
+
+def test_sessa_triton_trains_in_bf16(eager_triton_log):
+    losses = [r["loss"] for r in eager_triton_log]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("extra", [("train.compile=true",),
+                                   ("train.compile=true", "train.activation_checkpointing=blocks")],
+                         ids=["compiled", "compiled_checkpointed"])
+def test_sessa_triton_compiled_trains_like_eager(extra, soup, eager_triton_log, tmp_path):
+    """train.compile=true with the Triton feedback ops (and per-block activation
+    checkpointing): the same data and losses as the eager run within bf16 tolerance."""
+    log = _train(1, tmp_path / "c", soup, "model.sessa.impl=triton", *extra)
+    for a, b in zip(eager_triton_log, log, strict=True):
+        assert a["sample_id_sum"] == b["sample_id_sum"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

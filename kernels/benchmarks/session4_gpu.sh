@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Issue 13 on one H200 (one device call; the default parts' limits add up to 520 s): the tests of
+# the feedback custom ops (compiled vs eager, fp64 references, compiled decode, other chunk
+# sizes), the layer benchmark eager and compiled at T = 2048, 8192, 32768, and recipes/m125
+# training throughput at T = 2048: Sessa (triton; compile on/off; micro batch 16 and 32;
+# activation checkpointing) against the compiled gated Transformer, with a torch.profiler kernel
+# table of the compiled Sessa step (is the align-1 GEMM gone?).
+#
+# From the repo root, with .whl/ carried along (shared/gpu/README.md; deepspeed, megatron-core,
+# mlflow, webdataset are installed from it into a scratch folder):
+#   bash kernels/benchmarks/session4_gpu.sh [OUT_DIR]          (default $OUT or /tmp/s4_out)
+# PARTS (default "tests layers train") picks parts; "tests_train" (the bf16 trainer tests:
+# eager, compiled, compiled + activation checkpointing; ~2 minutes) and "train_long" (the same
+# recipes at T=16384, micro batch 1-2; a call of its own) are extra. Each part runs
+# under its own time limit (TESTS_S, LAYERS_S, TRAIN_S, TESTS_TRAIN_S; each training run
+# RUN_S), so one failure or hang cannot lose the rest. RECIPES (default recipes/m125), SEQ
+# (2048) and EXTRA (overrides for every training run) exist for dry runs of the plumbing. Tables are printed last and written to
+# OUT_DIR (*.md); logs, JSON rows and profiles stay there too; status.txt has exit codes.
+set -u
+OUT_DIR=${1:-${OUT:-/tmp/s4_out}}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 MLFLOW_ALLOW_FILE_STORE=true
+export MLFLOW_DISABLE_TELEMETRY=true NCCL_NVLS_ENABLE=0
+: "${PARTS:=tests layers train}" "${TESTS_S:=90}" "${LAYERS_S:=90}" "${TRAIN_S:=340}"
+: "${TESTS_TRAIN_S:=150}" "${RUN_S:=80}" "${STEPS:=10}" "${RECIPES:=recipes/m125}"
+: "${SEQ:=2048}" "${EXTRA:=}"
+BENCH=kernels/benchmarks
+T0=$(date +%s)
+
+if [ -d .whl ]; then
+    S=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$S" .whl/*.whl || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH=$S:$PWD:$PWD/kernels
+else
+    export PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+part() {  # part NAME SECONDS CMD...: run CMD under timeout, log to OUT_DIR/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "=== $name (limit ${limit} s, at $(( $(date +%s) - T0 )) s) ==="
+    timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    grep '^{' "$OUT_DIR/$name.log" >"$OUT_DIR/$name.jsonl" 2>/dev/null || rm -f "$OUT_DIR/$name.jsonl"
+    grep -v '^{' "$OUT_DIR/$name.log" | tail -n "${TAIL:-40}"
+    echo "=== $name: exit $rc$( { [ $rc = 124 ] || [ $rc = 137 ]; } && echo ' (TIME LIMIT)') ==="
+    echo "$name $rc" >>"$OUT_DIR/status.txt"
+}
+want() { case " $PARTS " in *" $1 "*) return 0 ;; esac; return 1; }
+
+: >"$OUT_DIR/status.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,memory.used --format=csv \
+    | tee "$OUT_DIR/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$OUT_DIR/gpu.txt"
+
+# (a) GPU tests of the custom ops: compiled block vs eager vs fp64 (panel and queue), compiled
+# op on strided views, compiled decode, chunk sizes 16/32/128, CUDA-graph decode, two of the
+# fp64 accuracy cases per solve, and opcheck on the GPU.
+if want tests; then
+    part tests "$TESTS_S" python3 -m pytest -m gpu -q -s -rfE -p no:cacheprovider \
+        kernels/tests/test_triton_gpu.py kernels/tests/test_decode.py \
+        -k "compiled or chunk_sizes or strided or cuda_graph or opcheck or B2-T63 or B1-T4096"
+fi
+if want tests_train; then
+    part tests_train "$TESTS_TRAIN_S" python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
+        tests/gpu/test_training_gpu.py -k "sessa_triton"
+fi
+
+# (b) layer fwd+bwd (D=1024, 16 heads, 16k tokens per batch): attention and the panel solve,
+# each eager and under torch.compile (the Sessa block compiles around the opaque ops).
+if want layers; then
+    part layers "$LAYERS_S" python3 $BENCH/bench_sessa_layer.py --seq 2048,8192,32768 \
+        --impls attention,attention+compile,triton_panel,triton_panel+compile --decode '' \
+        --json "$OUT_DIR/layers.json"
+    grep -A 20 '^ *T ' "$OUT_DIR/layers.log" >"$OUT_DIR/layers.md" 2>/dev/null
+fi
+
+# (c) recipes/m125 at T=2048 on SymbolSoup shards made here (the token content does not change
+# the step time; model.vocab_size stays 32768). Tokens/s = median over the steps after 4.
+train_part() {
+    local data=$OUT_DIR/soup$SEQ runs=$OUT_DIR/runs$SEQ
+    python3 -m data_prep.cli symbolsoup --out "$data" --min-len $((SEQ - 8)) --max-len "$SEQ" \
+        --seq-len "$SEQ" --train 1024 --valid 0 --test 0 --workers 8 >/dev/null || return 1
+    # shellcheck disable=SC2206
+    local common=(data.train=$data/train/manifest.json "data.valid=''" data.seq_len=$SEQ
+        data.num_workers=2 train.steps=$STEPS train.log_every=1 optim.warmup_steps=2
+        eval.every=0 checkpoint.every=0 checkpoint.keep_last=1 tracking.enabled=false $EXTRA)
+    run() {  # name recipe micro_batch overrides...
+        local name=$1 recipe=$2 mb=$3
+        shift 3
+        echo "--- $name (at $(( $(date +%s) - T0 )) s)"
+        timeout --kill-after=5 "$RUN_S" torchrun --standalone --nproc_per_node 1 \
+            -m sessa_pt.train "$RECIPES/$recipe.yaml" "${common[@]}" \
+            train.micro_batch_size="$mb" train.global_batch_size="$mb" "$@" \
+            run.dir="$runs/$name" run.name="$name" >"$OUT_DIR/$name.log" 2>&1 \
+            || { echo "$name FAILED or cut (exit $?)"; tail -15 "$OUT_DIR/$name.log"; }
+    }
+    # Most wanted first (the part's limit cuts the tail).
+    if [ "$SEQ" -le 4096 ]; then   # the compiled Sessa step with its profile, the compiled
+        # gated Transformer, Sessa eager, the activation checkpointing cost, micro batch 32.
+        SESSA_PT_PROFILE=7:2 run sessa_c_mb16 sessa 16 train.compile=true
+        run tf_c_mb32 transformer 32 train.compile=true
+        run sessa_eager_mb16 sessa 16
+        run sessa_c_mb16_ckpt sessa 16 train.compile=true train.activation_checkpointing=blocks
+        run sessa_c_mb32 sessa 32 train.compile=true
+    else                           # long context (PARTS=train_long, SEQ=16384): micro batch 1
+        run sessa_c_mb1 sessa 1 train.compile=true
+        run tf_c_mb1 transformer 1 train.compile=true
+        run sessa_c_mb1_ckpt sessa 1 train.compile=true train.activation_checkpointing=blocks
+        run sessa_c_mb2_ckpt sessa 2 train.compile=true train.activation_checkpointing=blocks
+    fi
+    local done_runs
+    done_runs=$(for r in "$runs"/*/; do [ -s "$r/train_log.jsonl" ] && echo "${r%/}"; done)
+    [ -n "$done_runs" ] && python3 -m sessa_pt.train.bench --skip 4 $done_runs \
+        | tee "$OUT_DIR/train$SEQ.md"
+    if [ -f "$runs/sessa_c_mb16/profile_rank0.txt" ]; then
+        cp "$runs/sessa_c_mb16/profile_rank0.txt" "$OUT_DIR/profile_sessa_c_mb16.txt"
+        echo "--- profile of the compiled Sessa step (top kernels by GPU time)"
+        head -n 32 "$OUT_DIR/profile_sessa_c_mb16.txt"
+        echo "--- GEMM kernels in the profile (align1 / sm75 / sm80 / fp32 ones are off the fast path)"
+        grep -iE "gemm|cutlass|nvjet|xmma|align1|sm75|sm80" "$OUT_DIR/profile_sessa_c_mb16.txt" \
+            | tee "$OUT_DIR/profile_gemms.txt" | head -n 20
+    fi
+}
+export OUT_DIR RUN_S STEPS T0 RECIPES SEQ EXTRA
+if want train; then
+    TAIL=60 part train "$TRAIN_S" bash -c "$(declare -f train_part); train_part"
+fi
+if want train_long; then   # its own call: PARTS=train_long (SEQ defaults to 16384 there)
+    [ "$SEQ" = 2048 ] && export SEQ=16384
+    TAIL=40 part train_long "$TRAIN_S" bash -c "$(declare -f train_part); train_part"
+fi
+
+echo
+echo "=== done in $(( $(date +%s) - T0 )) s; part exit codes (124/137: time limit):"
+cat "$OUT_DIR/status.txt"
+for f in "$OUT_DIR"/*.md; do [ -f "$f" ] && { echo "--- $f"; cat "$f"; }; done
