@@ -1,6 +1,6 @@
 """The shard manifest: the JSON file that describes one split of tokenized or task shards.
 
-This module owns the on-disk format shared by the writers in ``data_prep`` and the loader in
+This module owns the on-disk format shared by the writers in ``sessa_data`` and the loader in
 ``sessa_pt.data``: the manifest schema, its validation, and the naming of samples inside a
 webdataset ``.tar`` shard.
 

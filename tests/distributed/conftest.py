@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.fetch import fetch
-from data_prep.tokenize_shards import TokenizeConfig, tokenize_to_shards
-from data_prep.tokenizer_train import train_tokenizer
+from sessa_data.fetch import fetch
+from sessa_data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+from sessa_data.tokenizer_train import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN = 32

@@ -2,7 +2,7 @@
 
 Documents are read in a fixed order, split into train/valid by a hash of their id (or by
 source), tokenized in worker processes (results are consumed in input order, so the output does
-not depend on the number of workers), packed by :mod:`data_prep.packing`, and written as shards
+not depend on the number of workers), packed by :mod:`sessa_data.packing`, and written as shards
 under ``OUT/<split>/`` with a ``manifest.json`` each. After each finished shard the run state is
 saved; a run started again on the same output resumes and gives byte-identical shards.
 """
@@ -26,11 +26,11 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_prep.documents import Document, expand_inputs, iter_documents
-from data_prep.packing import StreamPacker
-from data_prep.resume_state import RunState, SplitState, load_state, save_state, state_dir
-from data_prep.shard_writer import Sample, lm_sample_tar_bytes, write_shard
-from data_prep.tokenizer_train import tokenizer_info
+from sessa_data.documents import Document, expand_inputs, iter_documents
+from sessa_data.packing import StreamPacker
+from sessa_data.resume_state import RunState, SplitState, load_state, save_state, state_dir
+from sessa_data.shard_writer import Sample, lm_sample_tar_bytes, write_shard
+from sessa_data.tokenizer_train import tokenizer_info
 from sessa_pt.data.manifest import Manifest, sha256_file, token_dtype_for_vocab, write_manifest
 
 log = logging.getLogger(__name__)

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from data_prep.packages import DEFAULT_CACHE, PackageDownloadError
+from sessa_data.packages import DEFAULT_CACHE, PackageDownloadError
 
 SPLITS = ("train", "valid", "test")
 
 
 def _cmd_fetch(args: argparse.Namespace) -> None:
-    from data_prep.fetch import fetch, preset_sources
+    from sessa_data.fetch import fetch, preset_sources
 
     names = args.sources.split(",") if args.sources else preset_sources(args.preset)
     record = fetch(names, Path(args.out), Path(args.cache), args.preset if not args.sources
@@ -33,7 +33,7 @@ def _cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
-    from data_prep.tokenizer_train import train_tokenizer
+    from sessa_data.tokenizer_train import train_tokenizer
 
     info = train_tokenizer(args.input, args.vocab_size, args.model_type, args.out,
                            text_field=args.text_field, max_input_bytes=args.max_input_bytes,
@@ -43,7 +43,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> None:
-    from data_prep.tokenize_shards import TokenizeConfig, describe, tokenize_to_shards
+    from sessa_data.tokenize_shards import TokenizeConfig, describe, tokenize_to_shards
 
     cfg = TokenizeConfig(inputs=args.input, tokenizer=args.tokenizer, seq_len=args.seq_len,
                          out=args.out, shard_bytes=args.shard_bytes, workers=args.workers,
@@ -59,8 +59,8 @@ def _split_counts(args: argparse.Namespace) -> dict[str, int]:
 
 
 def _cmd_symbolsoup(args: argparse.Namespace) -> None:
-    from data_prep.tasks import symbolsoup as ss
-    from data_prep.tasks.common import write_task_split
+    from sessa_data.tasks import symbolsoup as ss
+    from sessa_data.tasks.common import write_task_split
 
     ss.letter_bounds(args.min_len, args.max_len)
     seq_len = args.seq_len or args.max_len
@@ -78,8 +78,8 @@ def _cmd_symbolsoup(args: argparse.Namespace) -> None:
 
 
 def _cmd_mqar(args: argparse.Namespace) -> None:
-    from data_prep.tasks import mqar
-    from data_prep.tasks.common import write_task_split
+    from sessa_data.tasks import mqar
+    from sessa_data.tasks.common import write_task_split
 
     cfg = mqar.MQARConfig(
         variant=args.variant, vocab_size=args.vocab_size, seq_len=args.seq_len,
@@ -105,9 +105,9 @@ def _cmd_mqar(args: argparse.Namespace) -> None:
 
 
 def _cmd_passkey(args: argparse.Namespace) -> None:
-    from data_prep.tasks import passkey
-    from data_prep.tasks.common import TaskVocab, write_task_split
-    from data_prep.tokenizer_train import tokenizer_info
+    from sessa_data.tasks import passkey
+    from sessa_data.tasks.common import TaskVocab, write_task_split
+    from sessa_data.tokenizer_train import tokenizer_info
 
     tok = tokenizer_info(args.tokenizer)
     cfg = passkey.PasskeyConfig(seq_len=args.seq_len, min_depth=args.min_depth,
