@@ -68,6 +68,9 @@ class TokenizeConfig:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.shard_bytes <= 0:
             raise ValueError(f"--shard-bytes must be positive, got {self.shard_bytes}")
+        if isinstance(self.valid_sources, str):
+            raise TypeError(f"valid_sources must be a list of source names, got the string "
+                            f"{self.valid_sources!r}")
 
 
 def split_of(doc: Document, valid_fraction: float, valid_sources: Iterable[str]) -> str:

@@ -38,7 +38,7 @@ def lm_data(request: pytest.FixtureRequest, tmp_path_factory) -> dict:
     tokenize_to_shards(TokenizeConfig(inputs=[str(corpus)], tokenizer=f"{prefix}.model",
                                       seq_len=SEQ_LEN, out=str(work / "shards"),
                                       shard_bytes=200_000, workers=1, valid_fraction=0.0,
-                                      valid_sources="persuasion"))
+                                      valid_sources=["persuasion"]))
     return {"train": str(work / "shards" / "train" / "manifest.json"),
             "valid": str(work / "shards" / "valid" / "manifest.json")}
 
