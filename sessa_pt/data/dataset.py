@@ -163,33 +163,50 @@ class TokenShardDataset:
         shard, local = self.locate(index)
         return self._shards[shard].info.first_sample_id + local
 
-    def tokens_numpy(self, index: int) -> np.ndarray:
-        """The ``seq_len + 1`` token ids of a sample, as a read-only view of the shard."""
+    def _token_view(self, index: int) -> np.ndarray:
         shard, local = self.locate(index)
         opened = self._opened(shard)
         start = int(opened.index.token_offsets[local])
         nbytes = (self.seq_len + 1) * self._dtype.itemsize
-        tokens = opened.buffer[start:start + nbytes].view(self._dtype)
-        if tokens.max() >= self.token_id_limit:  # ids are unsigned: only the top can be off
-            self._raise_token_id_error(shard, local, tokens)
+        return opened.buffer[start:start + nbytes].view(self._dtype)
+
+    def tokens_numpy(self, index: int) -> np.ndarray:
+        """The ``seq_len + 1`` token ids of a sample, as a read-only view of the shard."""
+        tokens = self._token_view(index)
+        self._check_token_ids(tokens[None], [index])
         return tokens
 
-    def _raise_token_id_error(self, shard: int, local: int, tokens: np.ndarray) -> None:
+    def tokens_batch(self, indices: np.ndarray) -> np.ndarray:
+        """The token ids of several samples, stacked to ``(len(indices), seq_len + 1)`` (one id
+        check for the whole batch, which costs less than one per sample)."""
+        tokens = np.stack([self._token_view(int(i)) for i in indices])
+        self._check_token_ids(tokens, indices)
+        return tokens
+
+    def _check_token_ids(self, tokens: np.ndarray, indices: Any) -> None:
+        """Raise :class:`TokenIdError` if a row of ``tokens`` (samples ``indices``) holds an id
+        outside the vocabulary. Ids are unsigned, so only the top can be off (a negative id
+        given to a writer is refused there)."""
+        limit = self.token_id_limit
+        if not tokens.size or tokens.max() < limit:
+            return
+        row = int(np.argmax((tokens >= limit).any(axis=1)))
+        position = int(np.argmax(tokens[row] >= limit))
+        shard, local = self.locate(int(indices[row]))
         info = self._shards[shard].info
-        position = int(np.argmax(tokens >= self.token_id_limit))
-        if self.token_id_limit < self.vocab_size:
-            limit = f"the model's vocabulary (model.vocab_size={self.model_vocab_size})"
+        if limit < self.vocab_size:
+            where = f"the model's vocabulary (model.vocab_size={self.model_vocab_size})"
             advice = (f"set model.vocab_size >= {self.vocab_size} (the tokenizer's), or "
                       f"regenerate the shards with a tokenizer of at most "
                       f"{self.model_vocab_size} tokens")
         else:
-            limit = f"the tokenizer's vocabulary of {self.vocab_size} ids (manifest vocab_size)"
+            where = f"the tokenizer's vocabulary of {self.vocab_size} ids (manifest vocab_size)"
             advice = ("the shard was written with another tokenizer or generator, or damaged; "
                       f"regenerate the split: {self.regenerate_command}")
         raise TokenIdError(
             f"shard {self._shards[shard].path}: sample {info.first_sample_id + local} (sample "
-            f"{local} of the shard) has token id {int(tokens[position])} at position {position}, "
-            f"outside {limit}, which allows ids 0..{self.token_id_limit - 1}; {advice}"
+            f"{local} of the shard) has token id {int(tokens[row, position])} at position "
+            f"{position}, outside {where}, which allows ids 0..{limit - 1}; {advice}"
         )
 
     def mask_numpy(self, index: int) -> np.ndarray | None:
