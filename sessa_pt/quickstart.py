@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     data = pathlib.Path(args.data_dir)
     corpus, tok, shards = data_layout(data)
-    data_cli = [py, "-m", "data_prep.cli"]
+    data_cli = [py, "-m", "sessa_data.cli"]
     if not (corpus / "sources.json").exists():
         run(data_cli + ["fetch", "--preset", "small", "--out", str(corpus)])
     if not tok.with_suffix(".model").exists():

@@ -2,7 +2,8 @@
 
 Public API (the trainer's contract)::
 
-    ds = TokenShardDataset(manifest_path, expected_seq_len=L, expected_tokenizer_hash=h)
+    ds = TokenShardDataset(manifest_path, expected_seq_len=L, expected_tokenizer_hash=h,
+                           model_vocab_size=V)
     loader = build_train_loader(ds, seed=s, global_batch_size=G, micro_batch_size=b,
                                 dp_rank=r, dp_size=n, start_cursor=c, num_workers=w)
     for batch in loader: ...      # input_ids, labels, loss_mask, sample_ids
@@ -10,7 +11,7 @@ Public API (the trainer's contract)::
 """
 
 from sessa_pt.data.cursor import DataCursor
-from sessa_pt.data.dataset import TokenShardDataset
+from sessa_pt.data.dataset import TokenIdError, TokenShardDataset
 from sessa_pt.data.loader import (
     EvalLoader,
     TrainLoader,
@@ -27,6 +28,7 @@ __all__ = [
     "ManifestError",
     "ShardCorruptError",
     "ShardInfo",
+    "TokenIdError",
     "TokenShardDataset",
     "TrainLoader",
     "build_eval_loader",

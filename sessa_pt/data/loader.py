@@ -35,7 +35,7 @@ def collate_indices(ds: TokenShardDataset, indices: np.ndarray,
     ``context_weight`` > 0 (task shards, training only): the non-padding positions outside the
     answer mask become targets too, with this weight (an answer token weighs 1).
     """
-    tokens = np.stack([ds.tokens_numpy(int(i)) for i in indices]).astype(np.int64)
+    tokens = ds.tokens_batch(indices).astype(np.int64)
     if ds.has_mask:
         mask = np.stack([ds.mask_numpy(int(i)) for i in indices]).astype(np.float32)
         if context_weight > 0:

@@ -1,6 +1,6 @@
 """Passkey retrieval (Mohtashami & Jaggi) by greedy generation, as a depth x length table.
 
-The prompt is the generator's text (``data_prep.tasks.passkey``): an intro, filler sentences
+The prompt is the generator's text (``sessa_data.tasks.passkey``): an intro, filler sentences
 repeated to fill ``length`` tokens with the passkey sentence inserted after ``round(depth *
 repeats)`` of them, and the question "... The pass key is". The model continues greedily with
 :meth:`DecoderLM.generate` (recurrent caches); the answer is correct when the first integer in
@@ -23,7 +23,7 @@ INT_RE = re.compile(r"\d+")
 
 def build_prompt(sp, length: int, depth: float, key: int) -> list[int]:
     """Token ids of a passkey prompt of at most ``length`` tokens (the answer not included)."""
-    from data_prep.tasks.passkey import FILLER, INTRO, NEEDLE, QUESTION
+    from sessa_data.tasks.passkey import FILLER, INTRO, NEEDLE, QUESTION
 
     intro, filler = sp.encode(INTRO), sp.encode(FILLER)
     needle, question = sp.encode(NEEDLE.format(key=key)), sp.encode(QUESTION)

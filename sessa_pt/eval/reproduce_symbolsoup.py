@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = (64, 100) if args.smoke else LENGTHS[args.length]
     seq_len = hi
     if not (data / "test" / "manifest.json").is_file():
-        gen = [py, "-m", "data_prep.cli", "symbolsoup", "--out", str(data), "--min-len",
+        gen = [py, "-m", "sessa_data.cli", "symbolsoup", "--out", str(data), "--min-len",
                str(lo), "--max-len", str(hi), "--seq-len", str(seq_len), "--seed", "0"]
         if args.smoke:
             gen += ["--train", "64", "--valid", "16", "--test", "32"]

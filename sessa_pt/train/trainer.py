@@ -106,7 +106,8 @@ class Trainer:
         c = self.cfg
         self.train_ds = TokenShardDataset(c.data.train, expected_seq_len=c.data.seq_len,
                                           expected_tokenizer_hash=c.data.tokenizer_hash or None,
-                                          skip_corrupt=c.data.skip_corrupt)
+                                          skip_corrupt=c.data.skip_corrupt,
+                                          model_vocab_size=c.model.vocab_size)
         if self.train_ds.vocab_size > c.model.vocab_size:
             raise ValueError(f"the shards' vocabulary has {self.train_ds.vocab_size} tokens but "
                              f"model.vocab_size={c.model.vocab_size}; set model.vocab_size >= "
@@ -116,7 +117,7 @@ class Trainer:
             self.valid_ds = TokenShardDataset(
                 c.data.valid, expected_seq_len=c.data.seq_len,
                 expected_tokenizer_hash=c.data.tokenizer_hash or self.train_ds_hash(),
-                skip_corrupt=c.data.skip_corrupt)
+                skip_corrupt=c.data.skip_corrupt, model_vocab_size=c.model.vocab_size)
 
     def train_ds_hash(self) -> str:
         """The train shards' tokenizer hash: validation shards must have been made with it."""

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.fetch import fetch
-from data_prep.tokenize_shards import TokenizeConfig, tokenize_to_shards
-from data_prep.tokenizer_train import train_tokenizer
+from sessa_data.fetch import fetch
+from sessa_data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+from sessa_data.tokenizer_train import train_tokenizer
 
 SEQ_LEN = 64
 SHARD_BYTES = 40_000  # small shards so the tests cross many shard boundaries

@@ -17,9 +17,9 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
-from data_prep.documents import expand_inputs, iter_documents
-from data_prep.tokenize_shards import KILL_HOOK_ENV, split_of, tokenize_to_shards
-from data_prep.tokenizer_train import train_tokenizer
+from sessa_data.documents import expand_inputs, iter_documents
+from sessa_data.tokenize_shards import KILL_HOOK_ENV, split_of, tokenize_to_shards
+from sessa_data.tokenizer_train import train_tokenizer
 from sessa_pt.data import TokenShardDataset, read_manifest
 
 SEQ_LEN = 64  # as in conftest
@@ -74,7 +74,7 @@ def test_output_independent_of_worker_count(lm_shards: Path, make_tokenize_confi
 
 def _run_cli(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, "-m", "data_prep.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "sessa_data.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_prep.cli import build_parser, main
-from data_prep.tasks import symbolsoup as ss
+from sessa_data.cli import build_parser, main
+from sessa_data.tasks import symbolsoup as ss
 from sessa_pt.data import TokenShardDataset, build_train_loader
 
 
@@ -158,7 +158,7 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
 
 def test_task_workers_write_identical_shards(tmp_path: Path) -> None:
     """Shards written by forked workers equal the single-process ones byte for byte."""
-    from data_prep.tasks.common import write_task_split
+    from sessa_data.tasks.common import write_task_split
 
     def make(i: int) -> object:
         return ss.make_example(i, ss.class_of(i, 50, 0, "train"), 0, "train", 60, 80)
@@ -174,7 +174,7 @@ def test_task_workers_write_identical_shards(tmp_path: Path) -> None:
 def test_symbolsoup_probe_finds_the_styles() -> None:
     """The linear probe on block letter/bigram frequencies beats chance clearly (0.25 / 0.20),
     even on short sequences: the style blocks carry the label."""
-    from data_prep.tasks import symbolsoup_probe
+    from sessa_data.tasks import symbolsoup_probe
 
     res = symbolsoup_probe.main(["--train", "400", "--test", "200", "--min-len", "100",
                                  "--max-len", "150"])

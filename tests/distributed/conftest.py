@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep.fetch import fetch
-from data_prep.tokenize_shards import TokenizeConfig, tokenize_to_shards
-from data_prep.tokenizer_train import train_tokenizer
+from sessa_data.fetch import fetch
+from sessa_data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+from sessa_data.tokenizer_train import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN = 32
@@ -38,7 +38,7 @@ def lm_data(request: pytest.FixtureRequest, tmp_path_factory) -> dict:
     tokenize_to_shards(TokenizeConfig(inputs=[str(corpus)], tokenizer=f"{prefix}.model",
                                       seq_len=SEQ_LEN, out=str(work / "shards"),
                                       shard_bytes=200_000, workers=1, valid_fraction=0.0,
-                                      valid_sources="persuasion"))
+                                      valid_sources=["persuasion"]))
     return {"train": str(work / "shards" / "train" / "manifest.json"),
             "valid": str(work / "shards" / "valid" / "manifest.json")}
 

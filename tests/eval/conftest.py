@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _data_cli(*args: str) -> None:
-    from data_prep.cli import main
+    from sessa_data.cli import main
 
     assert main(list(args)) == 0
 
@@ -89,8 +89,8 @@ PASSKEY_TEXT = ("There is an important info hidden inside a lot of irrelevant te
 @pytest.fixture(scope="session")
 def text_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
     """A sentencepiece model and packed text shards from passkey-style documents."""
-    from data_prep.tokenize_shards import TokenizeConfig, tokenize_to_shards
-    from data_prep.tokenizer_train import train_tokenizer
+    from sessa_data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+    from sessa_data.tokenizer_train import train_tokenizer
 
     base = tmp_path_factory.mktemp("text")
     docs = base / "docs.jsonl"

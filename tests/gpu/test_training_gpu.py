@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.gpu,
 @pytest.fixture(scope="module")
 def soup(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("soup")
-    subprocess.run([sys.executable, "-m", "data_prep.cli", "symbolsoup", "--out", str(out),
+    subprocess.run([sys.executable, "-m", "sessa_data.cli", "symbolsoup", "--out", str(out),
                     "--min-len", "100", "--max-len", "128", "--train", "256", "--valid", "32",
                     "--test", "0"], check=True, cwd=REPO)
     return out

@@ -96,9 +96,9 @@ def slurm() -> LocalSlurm:
 @pytest.fixture(scope="session")
 def tiny_data(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Shards of ~250 KB of Austen (seq_len 64) and their tokenizer: recipe overrides."""
-    from data_prep.fetch import fetch
-    from data_prep.tokenize_shards import TokenizeConfig, tokenize_to_shards
-    from data_prep.tokenizer_train import train_tokenizer
+    from sessa_data.fetch import fetch
+    from sessa_data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+    from sessa_data.tokenizer_train import train_tokenizer
 
     cache = getattr(request.config, "cache", None)
     root = Path(cache.mkdir("sessa_data_austen")) if cache else tmp_path_factory.mktemp("au")

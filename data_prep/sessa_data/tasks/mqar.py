@@ -21,7 +21,7 @@ import itertools
 import random
 from dataclasses import asdict, dataclass
 
-from data_prep.tasks.common import TaskExample, TaskVocab, example_rng
+from sessa_data.tasks.common import TaskExample, TaskVocab, example_rng
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from data_prep.cleaning import decode, detokenize_brown
-from data_prep.packages import PackageSpec, extract_to, iter_members
-from data_prep.rdata import read_lazyload_db
+from sessa_data.cleaning import decode, detokenize_brown
+from sessa_data.packages import PackageSpec, extract_to, iter_members
+from sessa_data.rdata import read_lazyload_db
 
 Extractor = Callable[[list[Path]], Iterator[tuple[str, str]]]
 

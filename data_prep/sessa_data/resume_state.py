@@ -72,11 +72,15 @@ def load_state(out: Path) -> tuple[RunState, dict[str, np.ndarray]] | None:
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
     pending_splits = data.pop("pending_splits")
-    splits = {
-        name: SplitState(shards=[ShardInfo(**s) for s in split["shards"]],
-                         sources=split["sources"], docs=split["docs"])
-        for name, split in data.pop("splits").items()
-    }
+    try:
+        splits = {
+            name: SplitState(shards=[ShardInfo(**s) for s in split["shards"]],
+                             sources=split["sources"], docs=split["docs"])
+            for name, split in data.pop("splits").items()
+        }
+    except TypeError as err:  # written by a version with another shard format
+        raise ValueError(f"{out} holds an interrupted run of another shard format version "
+                         f"({err}); pass --overwrite to start again") from err
     state = RunState(splits=splits, **data)
     pending = {
         split: np.load(state_dir(out) / f"pending-{state.generation}-{split}.npy")

@@ -1,10 +1,11 @@
 """``sessa-data tokenize``: documents -> sentencepiece ids -> packed samples -> shards.
 
 Documents are read in a fixed order, split into train/valid by a hash of their id (or by
-source), tokenized in worker processes (results are consumed in input order, so the output does
-not depend on the number of workers), packed by :mod:`data_prep.packing`, and written as shards
-under ``OUT/<split>/`` with a ``manifest.json`` each. After each finished shard the run state is
-saved; a run started again on the same output resumes and gives byte-identical shards.
+source), tokenized by sentencepiece's native threads (results are consumed in input order, so
+the output does not depend on the number of workers), packed by :mod:`sessa_data.packing`, and
+written as shards under ``OUT/<split>/`` with a ``manifest.json`` each. After each finished
+shard the run state is saved; a run started again on the same output resumes and gives
+byte-identical shards.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import shutil
 import signal
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,18 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_prep.documents import Document, expand_inputs, iter_documents
-from data_prep.packing import StreamPacker
-from data_prep.resume_state import RunState, SplitState, load_state, save_state, state_dir
-from data_prep.shard_writer import Sample, lm_sample_tar_bytes, write_shard
-from data_prep.tokenizer_train import tokenizer_info
-from sessa_pt.data.manifest import Manifest, sha256_file, token_dtype_for_vocab, write_manifest
+from sessa_data.documents import Document, expand_inputs, iter_documents
+from sessa_data.packing import StreamPacker
+from sessa_data.resume_state import RunState, SplitState, load_state, save_state, state_dir
+from sessa_data.shard_writer import Sample, lm_samples_per_shard, write_shard
+from sessa_data.tokenizer_train import tokenizer_info
+from sessa_pt.data.manifest import (
+    FORMAT_VERSION,
+    Manifest,
+    sha256_file,
+    token_dtype_for_vocab,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,7 @@ class TokenizeConfig:
     seq_len: int
     out: str
     shard_bytes: int = 64 << 20
-    workers: int = 1
+    workers: int = 1  # sentencepiece encoding threads
     valid_fraction: float = 0.0
     valid_sources: list[str] = field(default_factory=list)
     text_field: str = "text"
@@ -62,6 +68,9 @@ class TokenizeConfig:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.shard_bytes <= 0:
             raise ValueError(f"--shard-bytes must be positive, got {self.shard_bytes}")
+        if isinstance(self.valid_sources, str):
+            raise TypeError(f"valid_sources must be a list of source names, got the string "
+                            f"{self.valid_sources!r}")
 
 
 def split_of(doc: Document, valid_fraction: float, valid_sources: Iterable[str]) -> str:
@@ -75,58 +84,37 @@ def split_of(doc: Document, valid_fraction: float, valid_sources: Iterable[str])
     return "train"
 
 
-# ---------------------------------------------------------------- worker side
-_SP: spm.SentencePieceProcessor | None = None
-
-
-def _init_worker(model_path: str) -> None:
-    global _SP
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _SP = spm.SentencePieceProcessor(model_file=model_path)
-
-
-def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
-    assert _SP is not None
-    return [np.asarray(ids, dtype=np.uint32) for ids in _SP.encode(texts)]
-
-
 class _OrderedEncoder:
-    """Tokenize chunks in worker processes (or in-process), yielding results in input order.
+    """Tokenize chunks of documents with sentencepiece's own thread pool, in input order.
 
-    At most ``2 * workers`` chunks are in flight, so memory stays bounded on any corpus size.
+    ``encode(texts, num_threads=N)`` runs N native threads over the batch and releases the GIL
+    while it does, so one helper thread encodes the next chunk while the caller packs and writes
+    the previous one. Ids are those of one-by-one encoding (``tests/data`` checks that shards
+    are identical for any worker count). At most two chunks are held at once.
     """
 
     def __init__(self, model_path: str, workers: int) -> None:
-        self.pool = None
-        if workers > 1:
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(model_path,))
-        else:
-            _init_worker(model_path)
-        self.depth = 2 * workers
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sentencepiece")
+
+    def _encode(self, texts: list[str]) -> list[np.ndarray]:
+        encoded = self.sp.encode(texts, num_threads=self.workers, return_type="numpy")
+        return [ids.astype(np.uint32) for ids in encoded]
 
     def run(self, chunks: Iterator[list[tuple[int, str, Document]]]
             ) -> Iterator[tuple[list[tuple[int, str, Document]], list[np.ndarray]]]:
-        if self.pool is None:
-            for chunk in chunks:
-                yield chunk, _encode_chunk([d.text for _, _, d in chunk])
-            return
-        inflight: deque[tuple[list[tuple[int, str, Document]], Any]] = deque()
+        previous: tuple[list[tuple[int, str, Document]], Future[list[np.ndarray]]] | None = None
         for chunk in chunks:
-            inflight.append((chunk, self.pool.apply_async(
-                _encode_chunk, ([d.text for _, _, d in chunk],))))
-            if len(inflight) >= self.depth:
-                done, result = inflight.popleft()
-                yield done, result.get()
-        while inflight:
-            done, result = inflight.popleft()
-            yield done, result.get()
+            future = self.executor.submit(self._encode, [d.text for _, _, d in chunk])
+            if previous is not None:
+                yield previous[0], previous[1].result()
+            previous = (chunk, future)
+        if previous is not None:
+            yield previous[0], previous[1].result()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------- main side
@@ -149,7 +137,7 @@ def _fingerprint(cfg: TokenizeConfig, paths: list[Path], tok_sha: str) -> str:
         "inputs": [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in paths],
         "tokenizer_sha256": tok_sha, "seq_len": cfg.seq_len, "shard_bytes": cfg.shard_bytes,
         "valid_fraction": cfg.valid_fraction, "valid_sources": sorted(cfg.valid_sources),
-        "text_field": cfg.text_field, "add_bos": cfg.add_bos,
+        "text_field": cfg.text_field, "add_bos": cfg.add_bos, "format_version": FORMAT_VERSION,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
@@ -174,8 +162,7 @@ class _Run:
         self.paths = expand_inputs(cfg.inputs)
         self.tok = tokenizer_info(cfg.tokenizer)
         self.dtype = token_dtype_for_vocab(self.tok.vocab_size)
-        self.samples_per_shard = max(1, cfg.shard_bytes // lm_sample_tar_bytes(cfg.seq_len,
-                                                                             self.dtype))
+        self.samples_per_shard = lm_samples_per_shard(cfg.shard_bytes, cfg.seq_len, self.dtype)
         self.fingerprint = _fingerprint(cfg, self.paths, self.tok.sha256)
         self.splits = ["train", "valid"] if (cfg.valid_fraction or cfg.valid_sources) else [
             "train"]
@@ -212,14 +199,15 @@ class _Run:
 
     def _verify_finished(self, state: RunState) -> None:
         for split, split_state in state.splits.items():
-            keep = {s.path for s in split_state.shards}
+            keep = {name for s in split_state.shards for name in (s.path, s.index)}
             directory = self.out / split
             for shard in tqdm(split_state.shards, desc=f"verifying {split}", leave=False):
-                path = directory / shard.path
-                if not path.is_file() or sha256_file(path) != shard.sha256:
-                    raise RuntimeError(
-                        f"finished shard {path} is missing or changed since it was written; "
-                        "the run cannot resume: pass --overwrite to start again")
+                for name, sha in ((shard.path, shard.sha256), (shard.index, shard.index_sha256)):
+                    path = directory / name
+                    if not path.is_file() or sha256_file(path) != sha:
+                        raise RuntimeError(
+                            f"finished shard file {path} is missing or changed since it was "
+                            "written; the run cannot resume: pass --overwrite to start again")
             if directory.exists():
                 for stray in directory.iterdir():  # shards after the checkpoint, temp files
                     if stray.name not in keep:
@@ -255,7 +243,7 @@ class _Run:
                        "valid_fraction": self.cfg.valid_fraction,
                        "valid_sources": sorted(self.cfg.valid_sources),
                        "samples_per_shard": self.samples_per_shard,
-                       "shard_bytes": self.cfg.shard_bytes},
+                       "shard_bytes": self.cfg.shard_bytes, "text_field": self.cfg.text_field},
             extra={"dropped_tail_tokens": dropped},
         )
 

@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-from data_prep.tasks.common import TaskExample, TaskVocab, example_rng
+from sessa_data.tasks.common import TaskExample, TaskVocab, example_rng
 
 LETTERS = [chr(ord("a") + i) for i in range(16)]
 SPECIALS = ["<pad>", "<bos>", "<sep1>", "<sep2>", "<sep>", "<label>", " ", "\n"]

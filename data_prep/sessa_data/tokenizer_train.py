@@ -19,7 +19,7 @@ from pathlib import Path
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_prep.documents import expand_inputs, iter_documents
+from sessa_data.documents import expand_inputs, iter_documents
 from sessa_pt.data.manifest import sha256_file
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3

@@ -1,6 +1,6 @@
 """How much of a SymbolSoup label the style blocks carry: a linear probe.
 
-``python -m data_prep.tasks.symbolsoup_probe [--train 6000 --test 1000 --min-len 400 --max-len 600]``
+``python -m sessa_data.tasks.symbolsoup_probe [--train 6000 --test 1000 --min-len 400 --max-len 600]``
 
 For each generated example, the letter (16) and bigram (256) frequencies of its two style blocks
 (the letters between ``<sep1>`` and ``<sep2>``) are the features. The probe is told which
@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from data_prep.tasks import symbolsoup as ss
+from sessa_data.tasks import symbolsoup as ss
 
 _SEP1, _SEP2 = ss.ID["<sep1>"], ss.ID["<sep2>"]
 _LETTER = {ss.ID[c]: i for i, c in enumerate(ss.LETTERS)}
@@ -72,7 +72,7 @@ def probe_accuracy(x_train, y_train, x_test, y_test, classes: int, steps: int = 
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(prog="python -m data_prep.tasks.symbolsoup_probe",
+    ap = argparse.ArgumentParser(prog="python -m sessa_data.tasks.symbolsoup_probe",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", type=int, default=6000)
     ap.add_argument("--test", type=int, default=1000)

@@ -16,9 +16,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_prep.cleaning import clean_text
-from data_prep.packages import DEFAULT_CACHE, download, package_version, resolve_deb_name
-from data_prep.sources import PRESETS, SOURCES, Source
+from sessa_data.cleaning import clean_text
+from sessa_data.packages import DEFAULT_CACHE, download, package_version, resolve_deb_name
+from sessa_data.sources import PRESETS, SOURCES, Source
 
 MIN_DOC_CHARS = 200
 

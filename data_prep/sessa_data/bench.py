@@ -1,6 +1,6 @@
 """Data pipeline benchmark: tokenization throughput and loader throughput (tokens/s per rank).
 
-Run ``python -m data_prep.bench --corpus DIR --work DIR``: fetches the large mix if ``DIR`` has
+Run ``python -m sessa_data.bench --corpus DIR --work DIR``: fetches the large mix if ``DIR`` has
 no ``sources.json``, trains a tokenizer, tokenizes with 1 and N workers, then reads the train
 split with the training loader as rank 0 of DP=1 and DP=2, and prints a table (markdown).
 """
@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.fetch import fetch, preset_sources
-from data_prep.tokenize_shards import TokenizeConfig, tokenize_to_shards
-from data_prep.tokenizer_train import train_tokenizer
+from sessa_data.fetch import fetch, preset_sources
+from sessa_data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+from sessa_data.tokenizer_train import train_tokenizer
 from sessa_pt.data import TokenShardDataset, build_train_loader
 
 
@@ -42,7 +42,7 @@ def bench_loader(ds: TokenShardDataset, dp_size: int, micro_batch: int, steps: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m sessa_data.bench", description=__doc__)
     p.add_argument("--corpus", default="runs/data/large", help="fetched corpus directory")
     p.add_argument("--work", default="runs/data/bench", help="tokenizer and shards go here")
     p.add_argument("--vocab-size", type=int, default=16000)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(((f"loader rank 0 of DP={dp}, b={args.micro_batch}, L={args.seq_len}, "
                          f"workers={nw}"), f"{rate / 1e6:.2f} M tok/s"))
     print(f"# data benchmark {datetime.date.today()} "
-          f"(`python -m data_prep.bench {' '.join(argv or sys.argv[1:])}`)")
+          f"(`python -m sessa_data.bench {' '.join(argv or sys.argv[1:])}`)")
     print("| what | result |\n|---|---|")
     for what, result in rows:
         print(f"| {what} | {result} |")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.shard_writer import Sample, write_shard
+from sessa_data.shard_writer import Sample, write_shard
 from sessa_pt.data.manifest import Manifest, token_dtype_for_vocab, write_manifest
 
 
