@@ -31,9 +31,9 @@ if [ -d .whl ]; then
     S=$(mktemp -d)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$S" .whl/*.whl || { echo "wheel install failed"; exit 1; }
-    export PYTHONPATH=$S:$PWD:$PWD/kernels
+    export PYTHONPATH=$S:$PWD:$PWD/kernels:$PWD/data_prep
 else
-    export PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
+    export PYTHONPATH=$PWD:$PWD/kernels:$PWD/data_prep${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 part() {  # part NAME SECONDS CMD...: run CMD under timeout, log to OUT_DIR/NAME.log
@@ -82,7 +82,7 @@ fi
 # the step time; model.vocab_size stays 32768). Tokens/s = median over the steps after 4.
 train_part() {
     local data=$OUT_DIR/soup$SEQ runs=$OUT_DIR/runs$SEQ
-    python3 -m data_prep.cli symbolsoup --out "$data" --min-len $((SEQ - 8)) --max-len "$SEQ" \
+    python3 -m sessa_data.cli symbolsoup --out "$data" --min-len $((SEQ - 8)) --max-len "$SEQ" \
         --seq-len "$SEQ" --train 1024 --valid 0 --test 0 --workers 8 >/dev/null || return 1
     # shellcheck disable=SC2206
     local common=(data.train=$data/train/manifest.json "data.valid=''" data.seq_len=$SEQ

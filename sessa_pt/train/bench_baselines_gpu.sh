@@ -7,7 +7,7 @@
 #   bash sessa_pt/train/bench_baselines_gpu.sh OUT_DIR [DATA_2048 [DATA_16384]]
 #
 # Run from the repository root with the packages importable (on the device machine: the project
-# wheels installed, PYTHONPATH=<repo>:<repo>/kernels). DATA_* hold train/ and valid/ shards at
+# wheels installed, PYTHONPATH=<repo>:<repo>/kernels:<repo>/data_prep). DATA_* hold train/ and valid/ shards at
 # that seq_len (vocabulary <= 32768); without them SymbolSoup shards are generated here in
 # seconds (throughput does not depend on which tokens are read).
 # PARTS picks parts (default tests,t2k,t16k,mfu). Rough durations on one H200: tests ~2 min,
@@ -33,7 +33,7 @@ print('mamba2 impl=auto runs', resolve_ssd_impl('auto', 'cuda'))" | tee -a "$OUT
 
 soup() {  # soup SEQ_LEN N_TRAIN: SymbolSoup shards under $RUNS/soupSEQ_LEN (made once)
   local dir=$RUNS/soup$1
-  [ -f "$dir/train/manifest.json" ] || python3 -m data_prep.cli symbolsoup --out "$dir" \
+  [ -f "$dir/train/manifest.json" ] || python3 -m sessa_data.cli symbolsoup --out "$dir" \
     --min-len $(( $1 * 15 / 16 )) --max-len "$1" --seq-len "$1" --train "$2" --valid 4 \
     --test 0 --workers 4 >"$OUT/soup$1.log" 2>&1
   echo "$dir"

@@ -7,7 +7,7 @@
 #
 # DATA_DIR holds train/ and valid/ shards tokenized at seq_len 2048 with a vocabulary of at most
 # 32768 (`sessa-data tokenize ... --seq-len 2048`). Run from the repository root with the
-# packages importable (on the device machine: .whl installed, PYTHONPATH=<repo>:<repo>/kernels).
+# packages importable (on the device machine: .whl installed, PYTHONPATH=<repo>:<repo>/kernels:<repo>/data_prep).
 # PARTS (default tests,scaling,rendezvous) picks parts; a row that needs more GPUs than are
 # visible is printed as skipped, so on one GPU this is a dry run of the 1-GPU rows. Each part
 # and each run has its own time limit (RUN_S, TEST_S seconds), so one hang loses one row.
