@@ -22,8 +22,12 @@ class RunTokenizer:
         return spm.SentencePieceProcessor(model_file=str(self.path))
 
     def prefix(self, sp) -> list[int]:
-        """Ids a prompt starts with: bos when training documents started with it."""
-        return [sp.bos_id()] if self.add_bos and sp.bos_id() >= 0 else []
+        """The ids that start a document as training saw it: bos when the shards put one before
+        every document, else the eos that ended the document before (shards are packed
+        streams of ``document eos document eos ...``)."""
+        if self.add_bos and sp.bos_id() >= 0:
+            return [sp.bos_id()]
+        return [sp.eos_id()] if sp.eos_id() >= 0 else []
 
 
 def _sha256(path: pathlib.Path) -> str:

@@ -6,7 +6,11 @@ shards (so the run's tokenizer is found the way a real run's is)."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -16,6 +20,12 @@ from sessa_pt.config import load_config, to_dict
 from sessa_pt.models.lm import DecoderLM
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+# transformers copies remote code into HF_MODULES_CACHE (read when it is imported): keep it out
+# of the home directory, and never touch the network.
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf_modules_"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # recipe -> small overrides (CPU-cheap; the architecture is the recipe's)
 FAMILIES = {
@@ -85,3 +95,23 @@ def family_runs(text_run, tmp_path_factory) -> dict[str, tuple[pathlib.Path, Dec
         run_dir = tmp_path_factory.mktemp(f"run_{family}")
         out[family] = (run_dir, write_checkpoint(run_dir, family, text_run))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_text_run(text_run, tmp_path_factory) -> dict[str, str]:
+    """A real 3-step single-process CPU training run of the tiny Sessa recipe (shrunk) on the
+    text shards, with its mlflow run."""
+    base = tmp_path_factory.mktemp("hftrained")
+    run_dir, uri = base / "run", f"sqlite:///{base}/mlflow.db"
+    cmd = [sys.executable, "-m", "sessa_pt.train", "recipes/tiny/sessa.yaml",
+           *FAMILIES["sessa"], "model.vocab_size=512",
+           f"data.train={text_run['train']}", f"data.valid={text_run['valid']}",
+           "data.seq_len=64", "data.num_workers=0", "train.steps=3", "train.micro_batch_size=4",
+           "train.global_batch_size=4", "eval.max_batches=1", "checkpoint.every=0",
+           f"run.dir={run_dir}", f"tracking.uri={uri}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"run_dir": str(run_dir), "uri": uri, "run_id": summary["mlflow_run_id"]}
