@@ -186,7 +186,7 @@ class DecoderLM(nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
                  eos_id: int | None = None, vocab_limit: int | None = None,
-                 on_token: Callable[[int, Tensor], None] | None = None) -> Tensor:
+                 on_token: Callable[[int, Tensor], bool | None] | None = None) -> Tensor:
         """Decode with the recurrent caches: prefill, then one token per step.
 
         ``temperature`` 0 is greedy; otherwise tokens are sampled from the logits / temperature,
@@ -194,8 +194,9 @@ class DecoderLM(nn.Module):
         probability reaches ``top_p`` (1: all), drawing from ``generator`` (the same seed gives
         the same tokens). With ``eos_id`` a row that produced it keeps producing it and decoding
         stops once every row has. ``vocab_limit``: only ids below it are produced (the rows of
-        a vocabulary padded past the tokenizer's are not tokens). ``on_token(step, tokens)`` sees each new (B, 1) column as it
-        is made (streaming). Returns the new tokens (B, n <= max_new_tokens).
+        a vocabulary padded past the tokenizer's are not tokens). ``on_token(step, tokens)``
+        sees each new (B, 1) column as it is made (streaming); returning True stops decoding
+        there. Returns the new tokens (B, n <= max_new_tokens).
         """
         caches = self.init_caches()
         logits = self(input_ids, caches=caches)
@@ -207,8 +208,8 @@ class DecoderLM(nn.Module):
                 nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
                 done |= nxt.squeeze(1) == eos_id
             out.append(nxt)
-            if on_token is not None:
-                on_token(step, nxt)
+            if on_token is not None and on_token(step, nxt):
+                break
             if eos_id is not None and bool(done.all()):
                 break
             if step + 1 < max_new_tokens:
