@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--batch-size", type=int, default=8)
     h.add_argument("--tokenizer", help="the run's sentencepiece .model (default: the one its "
                                        "data manifests name)")
-    h.add_argument("--cloze-docs", type=int, default=500,
-                   help="held-out documents read for sessa_cloze (one example each)")
+    h.add_argument("--cloze-examples", type=int, default=500,
+                   help="sessa_cloze examples made from the held-out split (at most)")
     h.add_argument("--passkey-samples", type=int, default=4, help="keys per needle depth")
     h.add_argument("--passkey-length", type=int,
                    help="passkey prompt tokens (default: the run's seq_len)")
@@ -235,7 +235,7 @@ def run_harness_cmd(args, loaded, log: ResultLogger) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         task_dir = pathlib.Path(args.task_dir or tmp)
         sizes = write_local_tasks(task_dir, loaded, sp, [t for t in tasks if t in LOCAL_TASKS],
-                                  args.cloze_docs, args.passkey_samples, args.passkey_length)
+                                  args.cloze_examples, args.passkey_samples, args.passkey_length)
         results = run_harness(loaded, sp, run_tok.prefix(sp), tasks, task_dir, args.limit,
                               args.num_fewshot, args.batch_size, not args.no_bf16, args.seed,
                               args.max_length)

@@ -10,8 +10,9 @@ context the model was trained on (``data.seq_len``).
 Two local tasks are written next to their data (lm-eval YAML with ``dataset_path: json`` and
 local ``data_files``, so no hub access), built from the run's held-out split (``data.valid``):
 
-* ``sessa_cloze``: LAMBADA-style last-word prediction (loglikelihood; acc, perplexity): one
-  passage per held-out document, its last word (a run of letters) as the target;
+* ``sessa_cloze``: LAMBADA-style last-word prediction (loglikelihood; acc, perplexity): the
+  held-out documents cut into passages of whole sentences that fit the trained context, each
+  passage's last word (a run of letters) as the target;
 * ``sessa_passkey``: passkey retrieval (generate_until; exact match of the first integer), the
   prompt of ``data_prep.tasks.passkey`` at the trained length, needle depths 0, 0.5, 1.
 
@@ -28,6 +29,7 @@ import os
 import pathlib
 import random
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -36,7 +38,9 @@ import torch.nn.functional as F
 from sessa_pt.eval.common import Loaded, autocast
 
 LOCAL_TASKS = ("sessa_cloze", "sessa_passkey")
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+# passage boundaries: a sentence end, or a line end (verse and hard-wrapped prose have long
+# sentences; a line's last word is still a word to predict from its context)
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 _WORD = re.compile(r"^(.*\S)\s+([A-Za-z]{2,})([^\sA-Za-z0-9]*)$", re.DOTALL)
 
 
@@ -203,9 +207,11 @@ def register() -> None:
 
 # ---- the local tasks ---------------------------------------------------------------------------
 
-def held_out_documents(manifest: str | pathlib.Path, max_docs: int) -> list[list[int]]:
-    """Up to ``max_docs`` complete documents (ids, eos dropped) of a packed text split: the
-    samples are re-joined into the split's stream (they overlap by one token) and cut at eos."""
+def held_out_documents(manifest: str | pathlib.Path) -> Iterator[list[int]]:
+    """The documents (ids, eos dropped) of a packed text split, in order: the samples are
+    re-joined into the split's stream (they overlap by one token) and cut at eos. The last one
+    is usually cut short (packing drops the tail that does not fill a sample); it is kept, as
+    the passages made from it are whole sentences anyway."""
     from sessa_pt.data.dataset import TokenShardDataset
 
     ds = TokenShardDataset(manifest)
@@ -213,39 +219,52 @@ def held_out_documents(manifest: str | pathlib.Path, max_docs: int) -> list[list
         raise SystemExit(f"{manifest} is a {ds.manifest.kind!r} split, not text: the local "
                          "harness tasks need a text run's held-out split")
     eos = ds.manifest.tokenizer.get("eos_id")
-    docs: list[list[int]] = []
     current: list[int] = []
     for i in range(ds.num_samples):
         toks = ds.tokens_numpy(i).tolist()
         for t in toks if i == 0 else toks[1:]:
-            if t == eos:
-                if current:
-                    docs.append(current)
-                current = []
-                if len(docs) >= max_docs:
-                    return docs
-            else:
+            if t != eos:
                 current.append(t)
-    return docs        # the unfinished last document is dropped
+            elif current:
+                yield current
+                current = []
+    if current:
+        yield current
 
 
-def cloze_examples(sp, docs: list[list[int]], max_tokens: int) -> list[dict[str, str]]:
-    """One LAMBADA-style example per document: its first ``max_tokens`` tokens, cut back to the
-    last sentence that ends inside them (or to a whole word), with that sentence's last word
-    (letters only) as the target and everything before it as the context."""
-    out = []
+def cloze_examples(sp, docs: Iterable[list[int]], max_tokens: int,
+                   limit: int) -> list[dict[str, str]]:
+    """LAMBADA-style examples: each document is cut into consecutive passages of whole
+    sentences or lines (at most ``max_tokens`` tokens each); a passage's last word (letters only, its
+    closing punctuation dropped) is the target and everything before it the context. At most
+    ``limit`` examples; passages with fewer than 8 context words are skipped."""
+    out: list[dict[str, str]] = []
     for ids in docs:
-        text = sp.decode(ids[:max_tokens])
-        ends = [m.start() for m in _SENTENCE_END.finditer(text)]
-        if ends:
-            text = text[:ends[-1]]
-        elif len(ids) > max_tokens:        # drop the word the cut may have split
-            text = text[:max(text.rfind(" "), 0)]
-        m = _WORD.match(text)
-        if m is None or len(m.group(1).split()) < 8:
-            continue
-        out.append({"context": m.group(1), "target": " " + m.group(2)})
+        text = sp.decode(ids)
+        cuts = [m.end() for m in _SENTENCE_END.finditer(text)]
+        start, size, passage_start = 0, 0, 0
+        for end in cuts:
+            n = len(sp.encode(text[start:end]))
+            if size and size + n > max_tokens:
+                _add_cloze(out, text[passage_start:start])
+                passage_start, size = start, 0
+            if n > max_tokens:         # a sentence longer than the window: skip it
+                passage_start, size, start = end, 0, end
+                continue
+            size += n
+            start = end
+            if len(out) >= limit:
+                return out
+        _add_cloze(out, text[passage_start:start])
+        if len(out) >= limit:
+            return out[:limit]
     return out
+
+
+def _add_cloze(out: list[dict[str, str]], passage: str) -> None:
+    m = _WORD.match(passage.strip())
+    if m is not None and len(m.group(1).split()) >= 8:
+        out.append({"context": m.group(1), "target": " " + m.group(2)})
 
 
 def passkey_examples(sp, length: int, samples: int, seed: int = 0) -> list[dict[str, str]]:
@@ -318,7 +337,7 @@ metadata:
 
 
 def write_local_tasks(out: pathlib.Path, loaded: Loaded, sp, tasks: list[str],
-                      cloze_docs: int = 500, passkey_samples: int = 4,
+                      cloze_examples_max: int = 500, passkey_samples: int = 4,
                       passkey_length: int | None = None) -> dict[str, int]:
     """Write the asked-for local tasks (YAML + JSONL) into ``out``; returns examples per task."""
     out.mkdir(parents=True, exist_ok=True)
@@ -331,8 +350,9 @@ def write_local_tasks(out: pathlib.Path, loaded: Loaded, sp, tasks: list[str],
             raise SystemExit(f"sessa_cloze needs the run's held-out split: data.valid "
                              f"({loaded.cfg.data.valid!r}) is not there (paths are relative to "
                              "where training ran)")
-        rows = cloze_examples(sp, held_out_documents(valid, cloze_docs),
-                              loaded.cfg.data.seq_len)
+        # one token of the trained window is the document-start prefix
+        rows = cloze_examples(sp, held_out_documents(valid), loaded.cfg.data.seq_len - 1,
+                              cloze_examples_max)
         if not rows:
             raise SystemExit(f"no held-out document in {valid} is long enough for a cloze "
                              "example")
@@ -356,9 +376,11 @@ def _write_task(out: pathlib.Path, name: str, template: str, rows: list[dict]) -
 
 def run_harness(loaded: Loaded, sp, prefix: list[int], tasks: list[str], task_dir: pathlib.Path,
                 limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                bf16: bool = True, seed: int = 0, max_length: int | None = None
-                ) -> dict[str, Any]:
-    """lm_eval.simple_evaluate on our model; the local tasks must be in ``task_dir``."""
+                bf16: bool = True, seed: int = 0, max_length: int | None = None,
+                bootstrap_iters: int = 1000) -> dict[str, Any]:
+    """lm_eval.simple_evaluate on our model; the local tasks must be in ``task_dir``.
+    ``bootstrap_iters``: resamples for the standard errors lm-eval cannot compute in closed
+    form (perplexity); 0 skips them."""
     set_offline()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -374,7 +396,7 @@ def run_harness(loaded: Loaded, sp, prefix: list[int], tasks: list[str], task_di
     results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                               num_fewshot=num_fewshot, log_samples=False,
                               random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                              fewshot_random_seed=seed, bootstrap_iters=0)
+                              fewshot_random_seed=seed, bootstrap_iters=bootstrap_iters)
     return results
 
 

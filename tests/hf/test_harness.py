@@ -99,15 +99,18 @@ def test_held_out_documents_and_cloze(text_run):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(text_run["tokenizer"]))
-    docs = held_out_documents(text_run["valid"], 20)
+    docs = list(held_out_documents(text_run["valid"]))
     lines = (text_run["base"] / "docs.jsonl").read_text(encoding="utf-8").splitlines()
     sources = {json.loads(line)["text"] for line in lines}
-    assert docs and all(sp.decode(d) in sources for d in docs)
-    rows = cloze_examples(sp, docs, 64)
-    assert rows
+    assert docs and all(sp.decode(d) in sources for d in docs[:-1])
+    assert any(s.startswith(sp.decode(docs[-1])) for s in sources)   # cut short by packing
+    rows = cloze_examples(sp, docs, 30, limit=10_000)
+    assert len(rows) > len(docs)          # several passages per document
     for r in rows:
         assert r["target"].startswith(" ") and r["target"][1:].isalpha()
         assert any((r["context"] + r["target"]) in s for s in sources)
+        assert len(sp.encode(r["context"] + r["target"])) <= 30 + 2
+    assert len(cloze_examples(sp, docs, 30, limit=7)) == 7
 
 
 def test_flat_metrics_names():
