@@ -235,9 +235,10 @@ def held_out_documents(manifest: str | pathlib.Path) -> Iterator[list[int]]:
 def cloze_examples(sp, docs: Iterable[list[int]], max_tokens: int,
                    limit: int) -> list[dict[str, str]]:
     """LAMBADA-style examples: each document is cut into consecutive passages of whole
-    sentences or lines (at most ``max_tokens`` tokens each); a passage's last word (letters only, its
-    closing punctuation dropped) is the target and everything before it the context. At most
-    ``limit`` examples; passages with fewer than 8 context words are skipped."""
+    sentences or lines (at most ``max_tokens`` tokens each); a passage's last word (letters
+    only, its closing punctuation dropped) is the target and everything before it the
+    context. At most ``limit`` examples; passages with fewer than 8 context words are
+    skipped."""
     out: list[dict[str, str]] = []
     for ids in docs:
         text = sp.decode(ids)

@@ -8,8 +8,10 @@ checks that the modeling file's absolute imports are installed. So every bundled
 flat file ``<dotted name with _>.py`` beside the modeling file, and each import of one of our
 modules becomes a relative import of that file:
 
-    from sessa_pt.models.rope import apply_rope      ->  from .sessa_pt_models_rope import apply_rope
-    from sessa_kernels import _fb_kernels as kern    ->  from . import sessa_kernels__fb_kernels as kern
+    from sessa_pt.models.rope import apply_rope
+        ->  from .sessa_pt_models_rope import apply_rope
+    from sessa_kernels import _fb_kernels as kern
+        ->  from . import sessa_kernels__fb_kernels as kern
 
 The second form is invisible to transformers' regex, so :func:`copy_hints` lists every bundled
 file in a ``TYPE_CHECKING`` block of the modeling file (never executed, but seen by the regex).
@@ -132,9 +134,9 @@ def bundle_sources(entry: str = ENTRY) -> dict[str, str]:
 def copy_hints(files: list[str]) -> str:
     """A block for the modeling file that names every bundled file in the import form
     transformers detects (see the module docstring); it never runs."""
-    lines = ["", "", "# Every bundled file, in the `from .x import` form transformers looks for when it",
-             "# copies remote code into its module cache (some are imported as `from . import x`).",
-             "# Never executed.",
+    lines = ["", "", "# Every bundled file, in the `from .x import` form transformers looks for",
+             "# when it copies remote code into its module cache (some are imported as",
+             "# `from . import x`). Never executed.",
              "if TYPE_CHECKING:"]
     lines += [f"    from .{f[:-3]} import *  # noqa: F401,F403" for f in files]
     return "\n".join(lines) + "\n"

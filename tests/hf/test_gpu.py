@@ -23,7 +23,8 @@ def test_export_on_cuda_uses_the_triton_solve_and_matches(text_run, tmp_path):
     from tests.hf.conftest import write_checkpoint
 
     ours = write_checkpoint(tmp_path / "run", "sessa", text_run,
-                            extra=["model.sessa.impl=triton", "model.d_model=64"]).cuda()
+                            extra=["model.sessa.impl=triton", "model.sessa.chunk_size=64",
+                                   "model.d_model=64"]).cuda()
     out = export(tmp_path / "run", tmp_path / "exp")
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).cuda()
     ids = torch.randint(4, 400, (2, 96), device="cuda",
