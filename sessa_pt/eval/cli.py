@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the run's seq_len)")
     h.add_argument("--task-dir", help="write the local tasks' YAML and data here and keep them "
                                       "(default: a temporary directory)")
+    h.add_argument("--bootstrap-iters", type=int, default=1000,
+                   help="resamples for the stderr of perplexity-like metrics (0: none)")
     h.add_argument("--seed", type=int, default=0)
 
     m = sub.add_parser("memory-tail", help="fitted tail exponent beta per layer",
@@ -238,7 +240,7 @@ def run_harness_cmd(args, loaded, log: ResultLogger) -> dict[str, Any]:
                                   args.cloze_examples, args.passkey_samples, args.passkey_length)
         results = run_harness(loaded, sp, run_tok.prefix(sp), tasks, task_dir, args.limit,
                               args.num_fewshot, args.batch_size, not args.no_bf16, args.seed,
-                              args.max_length)
+                              args.max_length, args.bootstrap_iters)
     print(make_table(results))
     metrics = flat_metrics(results)
     log.metrics(metrics, loaded.step)

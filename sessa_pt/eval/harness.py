@@ -389,7 +389,9 @@ def run_harness(loaded: Loaded, sp, prefix: list[int], tasks: list[str], task_di
     register()
     lm = SessaHarnessLM(loaded, sp, prefix, batch_size=batch_size, bf16=bf16,
                         max_length=max_length)
-    manager = TaskManager(include_path=str(task_dir))
+    # Indexing lm-eval's own few thousand task configs takes seconds: only when asked for.
+    manager = TaskManager(include_path=str(task_dir),
+                          include_defaults=not set(tasks) <= set(LOCAL_TASKS))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise SystemExit(f"unknown harness task(s) {unknown}: the local tasks are "

@@ -145,3 +145,19 @@ def test_export_of_a_real_training_run(trained_text_run, text_run, tmp_path):
     ids = torch.tensor([_ids(sp, PROMPTS[1])])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
+
+
+def test_exported_generate_without_cache_and_unsupported_modes(exports):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(exports["mamba2"], trust_remote_code=True)
+    x = torch.tensor([[2, 40, 41, 42, 43]])
+    cached = hf.generate(x, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    full = hf.generate(x, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                       use_cache=False)                # full recomputation every step
+    assert torch.equal(cached, full)
+    with pytest.raises(ValueError, match="padded batches"):
+        hf.generate(torch.tensor([[3, 40, 41], [2, 40, 41]]), max_new_tokens=2,
+                    attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    with pytest.raises(NotImplementedError, match="beam search"):
+        hf.generate(x, max_new_tokens=2, num_beams=2)

@@ -129,7 +129,8 @@ def test_cli_runs_offline_and_logs_to_the_training_run(trained_text_run, tmp_pat
     out = tmp_path / "harness.json"
     assert main(["harness", trained_text_run["run_dir"], "--limit", "4", "--device", "cpu",
                  "--max-length", "400", "--passkey-length", "300", "--passkey-samples", "2",
-                 "--json", str(out), "--mlflow-run-id", "auto"]) == 0
+                 "--bootstrap-iters", "0", "--json", str(out),
+                 "--mlflow-run-id", "auto"]) == 0
     printed = capsys.readouterr().out
     assert "sessa_cloze" in printed and "sessa_passkey" in printed and "exact_match" in printed
     result = json.loads(out.read_text())

@@ -114,9 +114,6 @@ class SessaLMForCausalLM(PreTrainedModel, GenerationMixin):
                                       past_key_values: SessaLMCache | None = None,
                                       attention_mask: Tensor | None = None,
                                       use_cache: bool | None = True, **kwargs) -> dict:
-        if kwargs.get("num_beams", 1) > 1:
-            raise ValueError("beam search is not supported (the recurrent caches cannot be "
-                             "reordered)")
         if use_cache is False:
             # no cache: the whole sequence is recomputed every step
             return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
