@@ -161,3 +161,23 @@ def test_exported_generate_without_cache_and_unsupported_modes(exports):
                     attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
     with pytest.raises(NotImplementedError, match="beam search"):
         hf.generate(x, max_new_tokens=2, num_beams=2)
+
+
+def test_triton_trained_export_runs_the_chunked_solve_on_cpu(text_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.hf.conftest import write_checkpoint
+
+    ours = write_checkpoint(tmp_path / "run", "sessa", text_run,
+                            extra=["model.sessa.impl=triton"])
+    out = export(tmp_path / "run", tmp_path / "exp")
+    assert json.loads((out / "config.json").read_text())["sessa_model"]["sessa"]["impl"] \
+        == "triton"                    # as trained; the model picks its solve per device
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    for m in ours.modules():
+        if type(m).__name__ == "SessaMixer":
+            m.impl = "chunked"
+    ids = torch.tensor([[2, 50, 60, 70, 80, 90, 100, 110, 120, 130]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-5)
+    assert {m.impl for m in hf.modules() if type(m).__name__ == "SessaMixer"} == {"chunked"}
