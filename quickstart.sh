@@ -20,7 +20,7 @@ install_env() {
   $pip install -q "torch==${TORCH_VERSION:-2.13.0}"
   # DeepSpeed compiles no ops at install (they are JIT-built when used, or not at all on CPU).
   DS_BUILD_OPS=0 $pip install -q --no-build-isolation "deepspeed==0.19.8"
-  $pip install -q -e ".[dev,kernels]"
+  $pip install -q -e ".[dev,kernels,hf]"
   "$VENV/bin/python" -c "import torch, deepspeed, megatron.core, webdataset, sentencepiece, mlflow; print('sessa_pt env ok: torch', torch.__version__)"
 }
 

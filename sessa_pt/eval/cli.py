@@ -12,6 +12,8 @@ with ``--mlflow-run-id ID`` (``auto`` = the run that trained the checkpoint) and
   breakdown as the history ``<task>_<split>_acc_by_length`` / ``_acc_by_lag`` (step = the bin's
   mean length or lag)
 - ``passkey``: ``passkey_acc`` and ``passkey_acc_by_length`` (step = length)
+- ``harness``: lm-evaluation-harness (``pip install -e ".[hf]"``), offline;
+  ``harness_<task>_<metric>[_<filter>]`` (e.g. ``harness_sessa_cloze_acc``)
 - ``memory-tail``: ``memtail_beta_layer<i>``, ``memtail_beta_model`` and the influence curves
   ``memtail_influence_layer<i>`` / ``memtail_influence_model`` (step = lag)
 
@@ -94,6 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated needle depths in [0, 1]")
     k.add_argument("--samples", type=int, default=5, help="keys per (length, depth) cell")
     k.add_argument("--seed", type=int, default=0)
+
+    h = sub.add_parser("harness", help="lm-evaluation-harness tasks, offline",
+                       formatter_class=fmt,
+                       description="lm-evaluation-harness on the checkpoint through our model "
+                                   "and the run's tokenizer, with no hub access. Local tasks "
+                                   "from the run's held-out split: sessa_cloze (LAMBADA-style "
+                                   "last word) and sessa_passkey; other names are lm-eval "
+                                   "tasks whose datasets are in the local HF cache.")
+    _common(h)
+    h.add_argument("--tasks", default="sessa_cloze,sessa_passkey",
+                   help="comma-separated task names")
+    h.add_argument("--limit", type=int, help="at most N examples per task")
+    h.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    h.add_argument("--batch-size", type=int, default=8)
+    h.add_argument("--tokenizer", help="the run's sentencepiece .model (default: the one its "
+                                       "data manifests name)")
+    h.add_argument("--cloze-examples", type=int, default=500,
+                   help="sessa_cloze examples made from the held-out split (at most)")
+    h.add_argument("--passkey-samples", type=int, default=4, help="keys per needle depth")
+    h.add_argument("--passkey-length", type=int,
+                   help="passkey prompt tokens (default: the run's seq_len)")
+    h.add_argument("--max-length", type=int,
+                   help="longest input in tokens, longer ones are cut on the left (default: "
+                        "the run's seq_len)")
+    h.add_argument("--task-dir", help="write the local tasks' YAML and data here and keep them "
+                                      "(default: a temporary directory)")
+    h.add_argument("--bootstrap-iters", type=int, default=1000,
+                   help="resamples for the stderr of perplexity-like metrics (0: none)")
+    h.add_argument("--seed", type=int, default=0)
 
     m = sub.add_parser("memory-tail", help="fitted tail exponent beta per layer",
                        formatter_class=fmt,
@@ -187,8 +218,40 @@ def run_memory_tail(args, loaded, log: ResultLogger) -> dict[str, Any]:
     return r
 
 
+def run_harness_cmd(args, loaded, log: ResultLogger) -> dict[str, Any]:
+    from sessa_pt.eval.harness import (
+        LOCAL_TASKS,
+        flat_metrics,
+        run_harness,
+        set_offline,
+        write_local_tasks,
+    )
+    from sessa_pt.eval.run_tokenizer import find_run_tokenizer
+
+    set_offline()
+    from lm_eval.utils import make_table
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    run_tok = find_run_tokenizer(loaded.cfg, args.tokenizer)
+    sp = run_tok.processor()
+    with tempfile.TemporaryDirectory() as tmp:
+        task_dir = pathlib.Path(args.task_dir or tmp)
+        sizes = write_local_tasks(task_dir, loaded, sp, [t for t in tasks if t in LOCAL_TASKS],
+                                  args.cloze_examples, args.passkey_samples, args.passkey_length)
+        results = run_harness(loaded, sp, run_tok.prefix(sp), tasks, task_dir, args.limit,
+                              args.num_fewshot, args.batch_size, not args.no_bf16, args.seed,
+                              args.max_length, args.bootstrap_iters)
+    print(make_table(results))
+    metrics = flat_metrics(results)
+    log.metrics(metrics, loaded.step)
+    return {"tasks": tasks, "local_task_examples": sizes, "metrics": metrics,
+            "results": results.get("results", {}), "n-samples": results.get("n-samples", {}),
+            "versions": results.get("versions", {}), "checkpoint": str(loaded.checkpoint),
+            "step": loaded.step}
+
+
 COMMANDS = {"ppl": run_ppl, "task": run_task, "passkey": run_passkey,
-            "memory-tail": run_memory_tail}
+            "harness": run_harness_cmd, "memory-tail": run_memory_tail}
 
 
 def normalize_argv(argv: list[str]) -> list[str]:

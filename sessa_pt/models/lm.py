@@ -9,6 +9,7 @@ the embedding by default).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,31 @@ class _FusedLinearCE(torch.autograd.Function):
                 None, None)
 
 
+def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """The next token (B, 1) from last-position logits (B, V): argmax at temperature 0, else a
+    draw from softmax(logits / temperature) kept to the top-k tokens and the top-p nucleus (the
+    most likely token always stays)."""
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "
+                         f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(-1)
+        # drop a token when the tokens before it already reach top_p
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
 def chunked_lm_loss(h: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor | None = None,
                     chunk_tokens: int = 8192) -> Tensor:
     """``lm_loss(F.linear(h, weight), labels, loss_mask)`` without holding all logits: a fused
@@ -186,15 +212,37 @@ class DecoderLM(nn.Module):
         return [b.init_cache() for b in self.blocks]
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
-        """Greedy decoding with the recurrent caches: prefill, then one token per step."""
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 eos_id: int | None = None, vocab_limit: int | None = None,
+                 on_token: Callable[[int, Tensor], bool | None] | None = None) -> Tensor:
+        """Decode with the recurrent caches: prefill, then one token per step.
+
+        ``temperature`` 0 is greedy; otherwise tokens are sampled from the logits / temperature,
+        restricted to the ``top_k`` most likely (0: all) and to the smallest set whose
+        probability reaches ``top_p`` (1: all), drawing from ``generator`` (the same seed gives
+        the same tokens). With ``eos_id`` a row that produced it keeps producing it and decoding
+        stops once every row has. ``vocab_limit``: only ids below it are produced (the rows of
+        a vocabulary padded past the tokenizer's are not tokens). ``on_token(step, tokens)``
+        sees each new (B, 1) column as it is made (streaming); returning True stops decoding
+        there. Returns the new tokens (B, n <= max_new_tokens).
+        """
         caches = self.init_caches()
         logits = self(input_ids, caches=caches)
-        out = []
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out: list[Tensor] = []
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1, :vocab_limit], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                nxt = torch.where(done.unsqueeze(1), torch.full_like(nxt, eos_id), nxt)
+                done |= nxt.squeeze(1) == eos_id
             out.append(nxt)
-            logits = self(nxt, caches=caches)
+            if on_token is not None and on_token(step, nxt):
+                break
+            if eos_id is not None and bool(done.all()):
+                break
+            if step + 1 < max_new_tokens:
+                logits = self(nxt, caches=caches)
         return torch.cat(out, dim=1) if out else input_ids[:, :0]
 
     # ---- accounting -----------------------------------------------------------------------
