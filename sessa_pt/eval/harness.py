@@ -14,7 +14,7 @@ local ``data_files``, so no hub access), built from the run's held-out split (``
   held-out documents cut into passages of whole sentences that fit the trained context, each
   passage's last word (a run of letters) as the target;
 * ``sessa_passkey``: passkey retrieval (generate_until; exact match of the first integer), the
-  prompt of ``data_prep.tasks.passkey`` at the trained length, needle depths 0, 0.5, 1.
+  prompt of ``sessa_data.tasks.passkey`` at the trained length, needle depths 0, 0.5, 1.
 
 Other names go to lm-eval's own task index (``--tasks hellaswag`` works where the datasets are
 in the local Hugging Face cache; ``HF_DATASETS_OFFLINE`` and ``HF_HUB_OFFLINE`` are set unless
@@ -270,7 +270,7 @@ def _add_cloze(out: list[dict[str, str]], passage: str) -> None:
 
 def passkey_examples(sp, length: int, samples: int, seed: int = 0) -> list[dict[str, str]]:
     """Passkey prompts of at most ``length`` tokens at needle depths 0, 0.5 and 1."""
-    from data_prep.tasks.passkey import FILLER, INTRO, NEEDLE, QUESTION
+    from sessa_data.tasks.passkey import FILLER, INTRO, NEEDLE, QUESTION
 
     rng = random.Random(seed)
     out = []

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 # The roots of our code that model modules may import; anything else must be a third-party
 # package (torch, triton).
-OUR_ROOTS = ("sessa_pt", "sessa_kernels", "data_prep")
+OUR_ROOTS = ("sessa_pt", "sessa_kernels", "sessa_data")
 ENTRY = "sessa_pt.models.lm"
 
 

@@ -48,8 +48,8 @@ SENTENCES = [
 
 @pytest.fixture(scope="session")
 def text_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
-    from data_prep.tokenize_shards import TokenizeConfig, tokenize_to_shards
-    from data_prep.tokenizer_train import train_tokenizer
+    from sessa_data.tokenize_shards import TokenizeConfig, tokenize_to_shards
+    from sessa_data.tokenizer_train import train_tokenizer
 
     base = tmp_path_factory.mktemp("hftext")
     docs = base / "docs.jsonl"

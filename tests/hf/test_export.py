@@ -81,7 +81,7 @@ BLOCKER = r'''
 import sys, json, torch
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("sessa_pt", "sessa_kernels", "data_prep", "tests"):
+        if name.split(".")[0] in ("sessa_pt", "sessa_kernels", "sessa_data", "tests"):
             raise ImportError(f"blocked: {name}")
 sys.meta_path.insert(0, Block())
 from transformers import AutoModelForCausalLM, AutoTokenizer
