@@ -24,6 +24,9 @@ class ParallelConfig:
     pp: int = 1                 # pipeline parallel size (DeepSpeed PipelineModule)
     zero_stage: int = 1         # DeepSpeed ZeRO stage 0-3 (pp > 1 allows 0 and 1 only)
     grad_accum_dtype: str = "fp32"  # gradient accumulation dtype under bf16 (fp32 | bf16)
+    zero3_persistence_threshold: int = 100_000  # ZeRO-3: parameters with fewer elements stay
+                                # whole on every rank (DeepSpeed's
+                                # stage3_param_persistence_threshold; memory, not results)
     # data parallel size = world_size / (tp * pp)
 
 
