@@ -75,6 +75,8 @@ class CheckpointConfig:
     every: int = 50              # save every N steps (and at the end); 0 = only at the end
     keep_last: int = 2           # keep the newest K complete checkpoints
     resume: bool = True          # resume from the newest complete checkpoint in run.dir
+    allow_batch_size_change: bool = False  # resume with another train.global_batch_size (the
+                                 # samples seen so far must be a multiple of the new one)
 
 
 @dataclass

@@ -288,10 +288,17 @@ def check_compatible(path: pathlib.Path, state: dict, cfg, tokenizer_sha256: str
         raise ValueError(f"{path} was trained on shards of another tokenizer (sha256 "
                          f"{old_tok[:12]}..., these shards: {tokenizer_sha256[:12]}...): resume "
                          "with the data it was trained on or use a new run.dir")
-    if state["global_batch_size"] != cfg.train.global_batch_size:
-        raise ValueError(f"{path} was trained with train.global_batch_size="
-                         f"{state['global_batch_size']}; resume with the same value (the data "
-                         "cursor and the learning-rate schedule count whole global batches)")
+    gbs, consumed = cfg.train.global_batch_size, int(state["consumed_samples"])
+    if state["global_batch_size"] != gbs:
+        if not cfg.checkpoint.allow_batch_size_change:
+            raise ValueError(f"{path} was trained with train.global_batch_size="
+                             f"{state['global_batch_size']} (this run: {gbs}); resume with the "
+                             "same value, or set checkpoint.allow_batch_size_change=true to "
+                             "change it (the data order continues at the same sample; the LR "
+                             "schedule counts optimizer steps)")
+        if consumed % gbs:
+            raise ValueError(f"{path} has consumed {consumed} samples, not a multiple of "
+                             f"train.global_batch_size={gbs}: choose a divisor of {consumed}")
 
 
 def find_resumable(root: pathlib.Path, log) -> pathlib.Path | None:

@@ -93,6 +93,7 @@ class Trainer:
         self._build_model()
         self.stop = StopRequest(self.run_dir / "STOP")
         self.step = 0
+        self.samples_offset = 0
         self.last_eval: dict[str, float] | None = None
         self.run_id: str | None = None
         self.tracker = Tracker(self.rank == 0 and cfg.tracking.enabled,
@@ -145,13 +146,18 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
     def trainer_state(self) -> dict:
         c = self.cfg
-        return {"step": self.step, "consumed_samples": self.step * c.train.global_batch_size,
-                "data_cursor": self.step * c.train.global_batch_size,
+        return {"step": self.step, "consumed_samples": self.consumed_samples(),
+                "data_cursor": self.consumed_samples(),
                 "global_batch_size": c.train.global_batch_size, "seed": c.run.seed,
                 "world_size": self.world, "tp": self.layout.tp, "pp": self.layout.pp,
                 "dp": self.layout.dp, "zero_stage": c.parallel.zero_stage,
                 "mlflow_run_id": self.run_id, "total_steps": c.train.steps,
                 "tokenizer_sha256": self.train_ds_hash()}
+
+    def consumed_samples(self) -> int:
+        """The data cursor: samples of all steps so far (steps before a resume with another
+        global batch size counted at theirs)."""
+        return self.samples_offset + self.step * self.cfg.train.global_batch_size
 
     def save(self) -> pathlib.Path:
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.engine, self.layout,
@@ -169,6 +175,8 @@ class Trainer:
         if state is None:
             return
         self.step = int(state["step"])
+        self.samples_offset = int(state["consumed_samples"]) - \
+            self.step * self.cfg.train.global_batch_size
         self.run_id = state.get("mlflow_run_id")
         path = state["path"]
         self.log(f"resumed from {path} at step {self.step}")
@@ -318,7 +326,7 @@ class Trainer:
                                     global_batch_size=c.train.global_batch_size,
                                     micro_batch_size=c.train.micro_batch_size,
                                     dp_rank=lay.dp_rank, dp_size=lay.dp,
-                                    start_cursor=self.step * c.train.global_batch_size,
+                                    start_cursor=self.consumed_samples(),
                                     num_workers=c.data.num_workers,
                                     context_weight=c.data.context_loss_weight)
         batches = iter(loader)

@@ -88,3 +88,39 @@ def test_rotation_keeps_the_newest_and_never_touches_higher_steps(tmp_path):
         ["step_00000004", "step_00000006", "step_00000009"]
     ckpt.rotate(root, 9, keep_last=1)
     assert [p.name for p in ckpt.complete_checkpoints(root)] == ["step_00000009"]
+
+
+def _saved(tmp_path, **changes):
+    base = ["model.d_model=32", "model.n_layers=2", "model.vocab_size=256", "run.seed=7",
+            "train.global_batch_size=16", "train.micro_batch_size=4"]
+    saved_cfg = load_config(ROOT / "recipes" / "tiny" / "sessa.yaml", base)
+    d = tmp_path / "step_00000003"
+    d.mkdir(exist_ok=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(to_dict(saved_cfg), sort_keys=False))
+    state = {"seed": 7, "global_batch_size": 16, "consumed_samples": 48,
+             "tokenizer_sha256": "a" * 64}
+    now = load_config(ROOT / "recipes" / "tiny" / "sessa.yaml",
+                      base + [f"{k}={v}" for k, v in changes.items()])
+    return d, state, now
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"model.d_model": 64}, r"another model \(model.d_model: 32 -> 64\)"),
+    ({"run.seed": 8}, r"run.seed=7 \(this run: 8\)"),
+    ({"train.global_batch_size": 8}, "checkpoint.allow_batch_size_change=true"),
+    ({"train.global_batch_size": 32, "checkpoint.allow_batch_size_change": True},
+     "consumed 48 samples, not a multiple of train.global_batch_size=32"),
+])
+def test_resume_refuses_what_cannot_carry_over(tmp_path, changes, message):
+    d, state, now = _saved(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message):
+        ckpt.check_compatible(d, state, now, "a" * 64)
+
+
+def test_resume_accepts_layout_kernel_and_allowed_batch_changes(tmp_path):
+    d, state, now = _saved(tmp_path, **{"parallel.tp": 2, "model.sessa.impl": "chunked",
+                                        "train.global_batch_size": 8,
+                                        "checkpoint.allow_batch_size_change": True})
+    ckpt.check_compatible(d, state, now, "a" * 64)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        ckpt.check_compatible(d, state, now, "b" * 64)
