@@ -111,23 +111,51 @@ def zero3_partitioned(engine) -> int:
 
 # ---- one live parameter's fp32 tensors (this rank's TP slice, whole over DP) ---------------
 
-def _kind(p: Tensor) -> str:
+def _kind(p: Tensor, engine) -> str:
     if hasattr(p, "ds_id"):
         return "zero3"
     if hasattr(p, "_hp_mapping"):
         return "fragments"          # ZeRO-1/2 and DeepSpeed's bf16 optimizer
+    if hasattr(engine.optimizer, "fp32_groups_flat") or hasattr(engine.optimizer, "fp32_groups"):
+        return "flat"               # ZeRO-0 bf16: DeepSpeed's fp16/bf16 optimizers
     return "plain"                  # torch's AdamW on the parameter itself
+
+
+def _flat_view(p: Tensor, key: str | None, engine) -> Tensor:
+    """ZeRO-0 bf16 keeps whole fp32 masters: one per parameter (fp16/unfused_optimizer.py, the
+    one used with torch's AdamW) or one per param group, its parameters flattened in order
+    (fp16/fused_optimizer.py); this parameter's view of its master (or of an Adam moment)."""
+    w = engine.optimizer
+    state = base_optimizer(engine).state
+    if not hasattr(w, "fp32_groups_flat"):
+        for lp_group, hp_group in zip(w.fp16_groups, w.fp32_groups):
+            for q, hp in zip(lp_group, hp_group):
+                if q is p:
+                    return hp if key is None else state[hp][key]
+        raise KeyError(f"parameter of shape {tuple(p.shape)} is in no optimizer group")
+    for i, group in enumerate(w.fp16_groups):
+        offset = 0
+        for q in group:
+            if q is p:
+                flat = w.fp32_groups_flat[i]
+                src = flat if key is None else state[flat][key]
+                return src.narrow(0, offset, p.numel()).view(p.shape)
+            offset += q.numel()
+    raise KeyError(f"parameter of shape {tuple(p.shape)} is in no optimizer group")
 
 
 def _gather_to(p: Tensor, key: str | None, engine, group, owner: int) -> Tensor | None:
     """The fp32 master (key None) or an Adam moment of ``p``, whole, on global rank ``owner``
     of the data-parallel ``group`` (None on the other ranks). Collective over ``group``."""
-    kind, me = _kind(p), dist.get_rank()
+    kind, me = _kind(p, engine), dist.get_rank()
     n = dist.get_world_size(group)
-    if kind == "plain":
+    if kind in ("plain", "flat"):          # whole on every rank
         if me != owner:
             return None
-        t = p.detach() if key is None else base_optimizer(engine).state[p][key]
+        if kind == "flat":
+            t = _flat_view(p, key, engine)
+        else:
+            t = p.detach() if key is None else base_optimizer(engine).state[p][key]
         return t.float().clone()
     if kind == "zero3":
         part = p._z3_optimizer.get_local_fp32_param(p, key).detach().float().flatten()
@@ -149,10 +177,15 @@ def _gather_to(p: Tensor, key: str | None, engine, group, owner: int) -> Tensor 
 def _set_local(p: Tensor, key: str | None, value: Tensor, engine) -> None:
     """Set this rank's part of the fp32 master (key None; also the model's own copy) or of an
     Adam moment of ``p`` from ``value``, the whole tensor of this rank's TP slice. Local."""
-    kind = _kind(p)
+    kind = _kind(p, engine)
     if kind == "plain":
         target = p.data if key is None else base_optimizer(engine).state[p][key]
         target.copy_(value.view(target.shape))
+        return
+    if kind == "flat":
+        _flat_view(p, key, engine).copy_(value.view(p.shape))
+        if key is None:
+            p.data.copy_(value.view(p.shape).to(p.dtype))
         return
     if kind == "zero3":
         part_numel = p.ds_tensor.numel()
