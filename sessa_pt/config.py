@@ -271,6 +271,9 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
     dp = world_size // (p.tp * p.pp)
     if p.zero_stage not in (0, 1, 2, 3):
         e.append(f"parallel.zero_stage={p.zero_stage}: choose 0, 1, 2 or 3")
+    if p.zero3_persistence_threshold < 0:
+        e.append(f"parallel.zero3_persistence_threshold={p.zero3_persistence_threshold}: "
+                 "choose 0 (partition every parameter) or more")
     if p.pp > 1 and p.zero_stage >= 2:
         e.append(f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: DeepSpeed's "
                  "pipeline engine supports ZeRO stages 0 and 1 only; set parallel.zero_stage=1")

@@ -30,6 +30,7 @@ def cfg(*overrides):
     (["model.mixer=mamba2", "parallel.tp=2"], 2, False, "model.mamba2.n_groups=2"),
     (["model.sessa.impl=triton"], 1, False, "impl=chunked on CPU"),
     (["data.context_loss_weight=-0.5"], 1, False, "loss on the answer tokens only"),
+    (["parallel.zero3_persistence_threshold=-1"], 1, False, "partition every parameter"),
 ])
 def test_invalid_layouts_are_rejected(overrides, world, cuda, message):
     errors = validate(cfg(*overrides), world, cuda)
