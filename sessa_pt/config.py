@@ -24,6 +24,9 @@ class ParallelConfig:
     pp: int = 1                 # pipeline parallel size (DeepSpeed PipelineModule)
     zero_stage: int = 1         # DeepSpeed ZeRO stage 0-3 (pp > 1 allows 0 and 1 only)
     grad_accum_dtype: str = "fp32"  # gradient accumulation dtype under bf16 (fp32 | bf16)
+    zero3_persistence_threshold: int = 100_000  # ZeRO-3: parameters with fewer elements stay
+                                # whole on every rank (DeepSpeed's
+                                # stage3_param_persistence_threshold; memory, not results)
     # data parallel size = world_size / (tp * pp)
 
 
@@ -77,6 +80,8 @@ class CheckpointConfig:
     every: int = 50              # save every N steps (and at the end); 0 = only at the end
     keep_last: int = 2           # keep the newest K complete checkpoints
     resume: bool = True          # resume from the newest complete checkpoint in run.dir
+    allow_batch_size_change: bool = False  # resume with another train.global_batch_size (the
+                                 # samples seen so far must be a multiple of the new one)
 
 
 @dataclass
@@ -271,6 +276,9 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
     dp = world_size // (p.tp * p.pp)
     if p.zero_stage not in (0, 1, 2, 3):
         e.append(f"parallel.zero_stage={p.zero_stage}: choose 0, 1, 2 or 3")
+    if p.zero3_persistence_threshold < 0:
+        e.append(f"parallel.zero3_persistence_threshold={p.zero3_persistence_threshold}: "
+                 "choose 0 (partition every parameter) or more")
     if p.pp > 1 and p.zero_stage >= 2:
         e.append(f"parallel.pp={p.pp} with parallel.zero_stage={p.zero_stage}: DeepSpeed's "
                  "pipeline engine supports ZeRO stages 0 and 1 only; set parallel.zero_stage=1")

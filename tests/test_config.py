@@ -34,6 +34,7 @@ def cfg(*overrides):
     (["model.sessa.solve=flash"], 1, False, "choose panel or queue"),
     (["model.sessa.panel_mib=0"], 1, False, "panel_mib=0.0 must be positive"),
     (["train.activation_checkpointing=layers"], 1, False, "choose none or blocks"),
+    (["parallel.zero3_persistence_threshold=-1"], 1, False, "partition every parameter"),
 ])
 def test_invalid_layouts_are_rejected(overrides, world, cuda, message):
     errors = validate(cfg(*overrides), world, cuda)

@@ -271,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "memory-tail" and args.dtype == "auto":
         args.dtype = "float64" if not torch.cuda.is_available() or args.device == "cpu" \
             else "float32"
+    from sessa_pt.train.checkpoint import CheckpointError
+
     try:
         loaded = load_model(args.checkpoint, args.device, args.dtype, args.sessa_impl)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CheckpointError) as err:    # a damaged checkpoint is named
         print(f"sessa-eval: {err}", file=sys.stderr)
         return 2
     print(f"[sessa-eval] {args.command}: {loaded.checkpoint} (step {loaded.step}, "

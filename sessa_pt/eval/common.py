@@ -3,8 +3,10 @@ JSON output, and logging results into the training run's mlflow record.
 
 A checkpoint argument is a checkpoint directory (``<run.dir>/checkpoints/step_XXXXXXXX``) or a
 run directory (its newest complete checkpoint). The model comes from the checkpoint's
-``model.pt`` through :func:`sessa_pt.train.checkpoint.load_plain_model`, so any tensor /
-pipeline / data-parallel layout that trained it evaluates the same way.
+``model/*.safetensors`` (the plain model's weights) through
+:func:`sessa_pt.train.checkpoint.load_plain_model`, which verifies them against the checkpoint's
+manifest first (a damaged file is refused by name), so any tensor / pipeline / data-parallel
+layout and ZeRO stage that trained it evaluates the same way.
 """
 
 from __future__ import annotations

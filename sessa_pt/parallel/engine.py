@@ -31,6 +31,9 @@ def deepspeed_config(cfg: Config, dp: int, cuda: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if p.zero_stage == 3:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = \
+            p.zero3_persistence_threshold
     if bf16 and p.pp > 1:
         ds["data_types"] = {"grad_accum_dtype": p.grad_accum_dtype}
     return ds

@@ -17,7 +17,6 @@ from sessa_pt.models.lm import build_stage, chunked_lm_loss, lm_loss
 from sessa_pt.parallel.tensor_parallel import (
     apply_tensor_parallel,
     megatron_config,
-    plain_state_dict,
     vocab_parallel_lm_loss,
 )
 from sessa_pt.parallel.topology import ParallelLayout
@@ -157,28 +156,3 @@ def build_pipeline(cfg: ModelConfig, seed: int, layout: ParallelLayout, topology
 
 def stage_modules(model: nn.Module) -> list[Stage]:
     return [m for m in model.modules() if isinstance(m, Stage)]
-
-
-def local_plain_state(model: nn.Module) -> dict[str, Tensor]:
-    """This rank's stages as plain DecoderLM entries (TP slices gathered: collective over TP)."""
-    out: dict[str, Tensor] = {}
-    for stage in stage_modules(model):
-        for k, v in plain_state_dict(stage.m, stage.plain_prefix).items():
-            out.setdefault(k, v)
-    return out
-
-
-def full_plain_state(model: nn.Module) -> dict[str, Tensor] | None:
-    """The whole plain DecoderLM state dict on global rank 0 (None elsewhere). Collective."""
-    local = {k: v.float().cpu() for k, v in local_plain_state(model).items()}
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local, parts, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    merged: dict[str, Tensor] = {}
-    for part in parts:
-        for k, v in part.items():
-            merged.setdefault(k, v)
-    return merged

@@ -23,7 +23,7 @@ import yaml
 
 from sessa_pt.config import Config, check, flatten, resolve_precision, to_dict
 from sessa_pt.parallel.engine import build_engine
-from sessa_pt.parallel.model import SequentialLM, build_pipeline, full_plain_state
+from sessa_pt.parallel.model import SequentialLM, build_pipeline
 from sessa_pt.parallel.topology import (
     ParallelLayout,
     deepspeed_topology,
@@ -93,6 +93,7 @@ class Trainer:
         self._build_model()
         self.stop = StopRequest(self.run_dir / "STOP")
         self.step = 0
+        self.samples_offset = 0
         self.last_eval: dict[str, float] | None = None
         self.run_id: str | None = None
         self.tracker = Tracker(self.rank == 0 and cfg.tracking.enabled,
@@ -149,17 +150,23 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
     def trainer_state(self) -> dict:
         c = self.cfg
-        return {"step": self.step, "consumed_samples": self.step * c.train.global_batch_size,
-                "data_cursor": self.step * c.train.global_batch_size,
+        return {"step": self.step, "consumed_samples": self.consumed_samples(),
+                "data_cursor": self.consumed_samples(),
                 "global_batch_size": c.train.global_batch_size, "seed": c.run.seed,
                 "world_size": self.world, "tp": self.layout.tp, "pp": self.layout.pp,
                 "dp": self.layout.dp, "zero_stage": c.parallel.zero_stage,
-                "mlflow_run_id": self.run_id, "total_steps": c.train.steps}
+                "mlflow_run_id": self.run_id, "total_steps": c.train.steps,
+                "tokenizer_sha256": self.train_ds_hash()}
+
+    def consumed_samples(self) -> int:
+        """The data cursor: samples of all steps so far (steps before a resume with another
+        global batch size counted at theirs)."""
+        return self.samples_offset + self.step * self.cfg.train.global_batch_size
 
     def save(self) -> pathlib.Path:
-        plain = full_plain_state(self.engine.module)
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.engine, self.trainer_state(),
-                                    yaml.safe_dump(to_dict(self.cfg), sort_keys=False), plain,
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.engine, self.layout,
+                                    self.trainer_state(),
+                                    yaml.safe_dump(to_dict(self.cfg), sort_keys=False),
                                     self.cfg.checkpoint.keep_last)
         self.log(f"checkpoint saved: {path}")
         return path
@@ -167,32 +174,15 @@ class Trainer:
     def maybe_resume(self) -> None:
         if not self.cfg.checkpoint.resume:
             return
-        path = ckpt.latest_checkpoint(self.ckpt_root)
-        if path is None:
+        state = ckpt.resume(self.ckpt_root, self.engine, self.layout, self.cfg,
+                            self.train_ds_hash(), self.log)
+        if state is None:
             return
-        saved = json.loads((path / "trainer_state.json").read_text())
-        c = self.cfg
-        if saved["global_batch_size"] != c.train.global_batch_size:
-            raise ValueError(f"{path} was trained with train.global_batch_size="
-                             f"{saved['global_batch_size']}; resume with the same value")
-        if (saved["dp"] != self.layout.dp and c.parallel.zero_stage >= 1) or \
-                (saved["tp"], saved["pp"]) != (self.layout.tp, self.layout.pp):
-            raise ValueError(
-                f"{path} was written with tp={saved['tp']} pp={saved['pp']} dp={saved['dp']} "
-                f"(ZeRO-{saved['zero_stage']}); this run has tp={self.layout.tp} "
-                f"pp={self.layout.pp} dp={self.layout.dp} (ZeRO-{c.parallel.zero_stage}). "
-                "DeepSpeed shards the state by layout: resume with the same tp and pp, and with "
-                "the same dp unless parallel.zero_stage=0 (the checkpoint's model.pt holds the "
-                "plain weights for a fresh start on any layout)")
-        try:
-            state = ckpt.load_checkpoint(path, self.engine)
-        except RuntimeError as err:   # strict load: missing, unexpected or mis-shaped tensors
-            detail = " ".join(str(err).split())[:600]
-            raise ValueError(f"{path} does not fit this run's model (strict load failed: "
-                             f"{detail}). Resume with the config it was written with "
-                             f"({path / 'config.yaml'}) or use a new run.dir") from err
         self.step = int(state["step"])
+        self.samples_offset = int(state["consumed_samples"]) - \
+            self.step * self.cfg.train.global_batch_size
         self.run_id = state.get("mlflow_run_id")
+        path = state["path"]
         self.log(f"resumed from {path} at step {self.step}")
 
     # ---- logging --------------------------------------------------------------------------
@@ -345,7 +335,7 @@ class Trainer:
                                     global_batch_size=c.train.global_batch_size,
                                     micro_batch_size=c.train.micro_batch_size,
                                     dp_rank=lay.dp_rank, dp_size=lay.dp,
-                                    start_cursor=self.step * c.train.global_batch_size,
+                                    start_cursor=self.consumed_samples(),
                                     num_workers=c.data.num_workers,
                                     context_weight=c.data.context_loss_weight)
         batches = iter(loader)
@@ -439,7 +429,7 @@ def main(recipe: str | None, overrides: list[str]) -> int:
     init_distributed()
     try:
         code = Trainer(cfg).run()
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, ckpt.CheckpointError) as err:
         if dist.get_rank() == 0:
             print(f"sessa_pt: error: {err}", file=sys.stderr, flush=True)
         _write_failed(cfg)

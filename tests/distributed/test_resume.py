@@ -2,7 +2,8 @@
 losses for steps 4-6, into the same mlflow run; resuming with another data-parallel size
 consumes the same samples and matches to fp32 rounding (the gradient all-reduce sums in another
 order, so bitwise equality cannot hold there); a run SIGKILLed during a step, and during a
-save, resumes from the last complete checkpoint with no sample lost or repeated."""
+save, resumes from the last complete checkpoint with no sample lost or repeated. Other layouts
+(tp, pp, dp under every ZeRO stage): test_elastic.py."""
 
 from __future__ import annotations
 
@@ -71,14 +72,6 @@ def test_resume_is_exact_and_continues_the_mlflow_run(lm_data, tmp_path):
         assert g["loss"] == pytest.approx(r["loss"], rel=1e-6, abs=1e-6)
 
 
-def test_changing_dp_under_zero1_is_refused_with_advice(lm_data, tmp_path):
-    run = tmp_path / "z1"
-    _train(2, _ov(lm_data, run, **{"parallel.zero_stage": 1, "train.steps": 3}))
-    proc = _train(1, _ov(lm_data, run, **{"parallel.zero_stage": 1}), check=False)
-    assert proc.returncode != 0
-    assert "same dp unless parallel.zero_stage=0" in proc.stderr
-
-
 @pytest.mark.parametrize("fault", ["kill_in_step:5", "kill_in_save:6"])
 def test_sigkill_resumes_from_last_complete_checkpoint(fault, lm_data, tmp_path):
     ref_dir = tmp_path / "ref"
@@ -110,5 +103,4 @@ def test_resume_into_a_different_model_is_a_clear_error(lm_data, tmp_path):
     proc = _train(1, _ov(lm_data, run, **{"model.layer_mixers": "[sessa,sessa,attention,sessa]"}),
                   check=False)
     assert proc.returncode != 0
-    assert "does not fit this run's model (strict load failed" in proc.stderr
-    assert "proj_fb" in proc.stderr            # names the offending parameters
+    assert "was trained with another model (model.layer_mixers: None -> " in proc.stderr

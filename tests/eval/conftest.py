@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 from sessa_pt.config import load_config, to_dict
@@ -66,16 +65,16 @@ def trained_run(symbolsoup: pathlib.Path, tmp_path_factory: pytest.TempPathFacto
 
 
 def write_checkpoint(run_dir: pathlib.Path, overrides: list[str], step: int = 5) -> DecoderLM:
-    """A checkpoint directory in the trainer's format (model.pt + config.yaml + COMPLETE)."""
+    """A model-only checkpoint directory in the trainer's format (safetensors model files,
+    config.yaml, trainer_state.json, MANIFEST.json, COMPLETE)."""
+    from sessa_pt.train.checkpoint import write_model_checkpoint
+
     cfg = load_config(ROOT / "recipes" / "tiny" / "sessa.yaml",
                       [*overrides, f"run.dir={run_dir}"])
     model = DecoderLM(cfg.model, seed=cfg.run.seed)
     d = run_dir / "checkpoints" / f"step_{step:08d}"
-    d.mkdir(parents=True)
-    torch.save(model.state_dict(), d / "model.pt")
-    (d / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (d / "trainer_state.json").write_text(json.dumps({"step": step}))
-    (d / "COMPLETE").write_text(f"step {step}\n")
+    write_model_checkpoint(d, model.state_dict(), yaml.safe_dump(to_dict(cfg), sort_keys=False),
+                           {"step": step})
     return model
 
 
