@@ -22,6 +22,8 @@ class SessaOptions:
     fb_dim: int | None = None           # feedback width; None = d_model (paper variant may differ)
     impl: str = "dense"                 # dense | chunked | triton
     chunk_size: int = 64                # chunked / triton feedback
+    feedback: bool = True               # false: the ablation without the feedback branch (s = f;
+                                        # its parameters are not created)
 
 
 @dataclass
