@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from sessa_pt.eval import reproduce_symbolsoup as rep
+from sessa_pt.experiments import reproduce_symbolsoup as rep
 
 
 def test_dry_run_plan(tmp_path: pathlib.Path, capsys) -> None:
