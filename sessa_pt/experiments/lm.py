@@ -45,7 +45,7 @@ class LanguageModel(Experiment):
     select_mode = "min"
     lrs = (5e-4, 1e-3, 2e-3)
     sweep_budget = Budget(400, 40, 0.0)
-    final_budget = Budget(1000, 100, 0.0)
+    final_budget = Budget(800, 80, 0.0)
     paper: ClassVar[dict[str, dict[str, float]]] = {"transformer": {"ppl": 7.67}, "mamba2": {"ppl": 7.72}, "sessa": {"ppl": 8.37},
              "sessa_nofb": {"ppl": 8.09}}
     description = ("The large preset (10 package-registry sources); 9 train the models, "

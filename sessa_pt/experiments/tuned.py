@@ -251,6 +251,9 @@ def _train_and_eval(ctx: Context, phase: str, plan: list[tuple[str, float, int, 
 def run_sweep(ctx: Context) -> dict[str, Any]:
     exp, args = ctx.exp, ctx.args
     lrs = _floats(args.lrs, "--lrs")
+    if len(lrs) < 3 and not args.smoke:
+        raise SystemExit(f"--lrs {args.lrs}: a tuned comparison sweeps at least 3 learning "
+                         "rates per model (fewer only with --smoke)")
     budget = exp.smoke_budget if args.smoke else Budget(args.sweep_steps, args.sweep_warmup,
                                                         args.sweep_minutes)
     plan = [(v, lr, args.sweep_seed, f"{v}-lr{lr:g}") for v in ctx.variants for lr in lrs]
@@ -385,6 +388,8 @@ def main(exp: Experiment, argv: list[str] | None = None) -> int:
     batch = load_config(exp.recipe(ctx.variants[0])).train.global_batch_size
     if args.smoke:
         batch = 4
+    if args.phase == "seeds":
+        _chosen_lrs(ctx, None)      # fail before the data work when no rate is known
     if code := exp.prepare_data(ctx, steps * batch):
         return code
     choice = None
