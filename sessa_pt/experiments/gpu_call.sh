@@ -8,7 +8,7 @@
 #     PHASE:      sweep (lr sweep, choice on the validation split) | seeds (final runs)
 #
 # Environment (all optional):
-#   TRAIN_MINUTES  per-run training cap (default 4.5; the trainer stops at it and the results
+#   TRAIN_MINUTES  per-run training cap (default 4.0; the trainer stops at it and the results
 #                  mark the run "stopped")
 #   VARIANTS       comma-separated models of this call (default: all of the experiment), e.g.
 #                  VARIANTS=sessa to give one model's three seeds a whole call
@@ -54,8 +54,8 @@ export TORCH_CUDA_ARCH_LIST=9.0
 stamp "installed wheels:"
 
 work=${WORK:-/tmp/exp}
-args=(--gpus 0 --out $work/$name --minutes "${TRAIN_MINUTES:-4.5}"
-      --sweep-minutes "${TRAIN_MINUTES:-4.5}")
+args=(--gpus 0 --out $work/$name --minutes "${TRAIN_MINUTES:-4.0}"
+      --sweep-minutes "${TRAIN_MINUTES:-4.0}")
 [[ -n ${VARIANTS:-} ]] && args+=(--variants "$VARIANTS")
 n_variants=$($PY - "$exp" "${VARIANTS:-}" <<'EOF'
 import sys
@@ -81,9 +81,14 @@ else
   cp "$d/report/report.md" "$d"/report/*.png "$OUT/" 2>/dev/null
 fi
 # Everything else (logs, JSONs, run summaries, mlflow store; no checkpoints) in one tarball.
-mv "$OUT/driver.log" "$d/" 2>/dev/null
-tar -C "$d" -czf "$OUT/runs.tar.gz" --exclude='checkpoints' --exclude='*.pt' . 2>/dev/null
+if [[ -d $d ]]; then
+  mv "$OUT/driver.log" "$d/"
+  tar -C "$d" -czf "$OUT/runs.tar.gz" --exclude='checkpoints' --exclude='*.pt' .
+  log=$d/driver.log
+else
+  log=$OUT/driver.log     # the phase never started: its log is what comes back
+fi
 stamp "packed:"
 ls -la "$OUT"
-tail -n 40 "$d/driver.log"
+tail -n 40 "$log"
 exit $code

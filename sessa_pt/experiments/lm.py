@@ -67,7 +67,7 @@ class LanguageModel(Experiment):
             tok = data / "tok" / "spm"
             code = runner.run([ctx.py, "-m", "data_prep.cli", "train-tokenizer", "--input",
                                *(str(data / "raw" / f"{s}.jsonl") for s in SMOKE_SOURCES[:2]),
-                               "--vocab-size", "256", "--out", str(tok), "--threads", "1"],
+                               "--vocab-size", "384", "--out", str(tok), "--threads", "1"],
                               ctx.env)
             if code:
                 return code
@@ -99,7 +99,7 @@ class LanguageModel(Experiment):
     def train_overrides(self, data: pathlib.Path, smoke: bool) -> list[str]:
         out = [f"data.train={data}/shards/train/manifest.json",
                f"data.valid={data}/shards/valid/manifest.json"]
-        return out + (["data.seq_len=64", "model.vocab_size=256"] if smoke else [])
+        return out + (["data.seq_len=64", "model.vocab_size=384"] if smoke else [])
 
     def eval_command(self, py: str, run_dir: pathlib.Path, data: pathlib.Path, split: str,
                      out_json: pathlib.Path, smoke: bool) -> list[str]:

@@ -5,7 +5,8 @@ call's ``$OUT`` files came back to, from ``sessa_pt/experiments/gpu_call.sh``).
 - a sweep's ``choice.json`` -> ``results/NAME/choice.json`` (the seeds call reads it there);
 - a seeds call's ``summary.json``, ``report.md`` and PNGs -> ``results/NAME/``. When the GPU
   image had no matplotlib (no PNGs came back), the comparison report is rebuilt here from the
-  mlflow store inside ``runs.tar.gz``;
+  mlflow store inside ``runs.tar.gz``. A call that ran only some models (``VARIANTS=sessa``)
+  adds its runs to the summary already there (its report files get a ``<models>-`` prefix);
 - ``results/NAME/RESULTS.md`` is rewritten from the summary (plot paths pointing into
   ``results/NAME/``), and the top-level ``RESULTS.md`` gets it between the markers
   ``<!-- experiment:NAME -->`` and ``<!-- /experiment:NAME -->`` (appended the first time).
@@ -38,20 +39,37 @@ def replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
-def _rebuild_report(tarball: pathlib.Path, name: str, dest: pathlib.Path) -> list[str]:
-    with tempfile.TemporaryDirectory() as tmp:
+def merge_summaries(old: dict, new: dict) -> dict:
+    """``new`` with the runs of ``old``'s other models kept: a seeds phase split over several
+    calls (``VARIANTS=sessa``, then ``transformer``, ...) adds up to one table. A model that
+    ``new`` ran replaces its old runs."""
+    if not old:
+        return new
+    ran = set(new["variants"])
+    kept = [r for r in old.get("runs", []) if r["variant"] not in ran]
+    order = [*old.get("variants", []), *(v for v in new["variants"]
+                                          if v not in old.get("variants", []))]
+    commands = [*old.get("commands", []), *new.get("commands", [])]
+    return {**new, "variants": order, "runs": kept + new["runs"], "commands": commands,
+            "aggregate": res.aggregate(kept + new["runs"], list(new["metrics"]))}
+
+
+def _rebuild_report(tarball: pathlib.Path, name: str, dest: pathlib.Path, prefix: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as made:
         with tarfile.open(tarball) as tar:
             tar.extractall(tmp, filter="data")
         store = pathlib.Path(tmp)
         # The GPU image's mlflow-skinny has no SQLAlchemy: its store is a file store (mlruns/).
         uri = f"sqlite:///{store}/mlflow.db" if (store / "mlflow.db").is_file() else \
             (store / "mlruns").as_uri()
-        cmd = [sys.executable, "-m", "sessa_pt.eval.report", "--tracking-uri", uri, "--experiment", f"{name}-seeds", "--out", str(dest),
+        cmd = [sys.executable, "-m", "sessa_pt.eval.report", "--tracking-uri", uri, "--experiment", f"{name}-seeds", "--out", made,
                "--no-log"]
         if subprocess.run(cmd, cwd=ROOT, check=False).returncode:
             print("[publish] the comparison report failed; RESULTS.md keeps its tables",
                   file=sys.stderr)
-    return sorted(str(p.relative_to(ROOT)) for p in dest.glob("*.png"))
+        for f in [*pathlib.Path(made).glob("*.png"), pathlib.Path(made) / "report.md"]:
+            if f.is_file():
+                shutil.copy2(f, dest / f"{prefix}{f.name}")
 
 
 def publish(name: str, src: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.Path:
@@ -67,14 +85,19 @@ def publish(name: str, src: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.
             raise SystemExit(f"{src} has neither summary.json nor choice.json: is it the "
                              "folder a gpu_call.sh call's files came back to?")
         return dest
-    summary = json.loads((src / "summary.json").read_text())
+    new = json.loads((src / "summary.json").read_text())
+    old = json.loads((dest / "summary.json").read_text()) if (dest / "summary.json").is_file() \
+        else {}
+    summary = merge_summaries(old, new)
+    # A call that ran some of the models keeps its report apart: <models>-<file>.
+    every = set(new.get("all_variants") or new["variants"]) | set(summary["variants"])
+    prefix = "" if set(new["variants"]) >= every else "-".join(new["variants"]) + "-"
     for f in [*src.glob("*.png"), src / "report.md"]:
         if f.is_file():
-            shutil.copy2(f, dest / f.name)
-    plots = sorted(str(p.relative_to(root)) for p in dest.glob("*.png"))
+            shutil.copy2(f, dest / f"{prefix}{f.name}")
     if not list(src.glob("*.png")) and (src / "runs.tar.gz").is_file():
-        plots = _rebuild_report(src / "runs.tar.gz", name, dest)
-    summary["plots"] = plots
+        _rebuild_report(src / "runs.tar.gz", name, dest, prefix)
+    summary["plots"] = sorted(str(p.relative_to(root)) for p in dest.glob("*.png"))
     res.write_summary(dest / "summary.json", summary)
     body = res.results_markdown(summary)
     (dest / "RESULTS.md").write_text(body)

@@ -221,12 +221,13 @@ def _train_and_eval(ctx: Context, phase: str, plan: list[tuple[str, float, int, 
         (ctx.out / phase).mkdir(parents=True, exist_ok=True)
         ensure_experiment(uri, f"{exp.name}-{phase}")
     runs, jobs = _train_jobs(ctx, phase, plan, budget, uri)
-    for r, job, jr in zip(runs, jobs, ctx.runner.run_all(jobs, ctx.env, budget.max_minutes),
-                          strict=True):
+    first = len(ctx.runner.commands)      # run_all records one command per job, in order
+    for i, (r, jr) in enumerate(zip(runs, ctx.runner.run_all(jobs, ctx.env, budget.max_minutes),
+                                    strict=True)):
         summary = read_json(pathlib.Path(r["run_dir"]) / "summary.json")
         r.update(code=jr.code, train_seconds=jr.seconds, stopped=jr.stopped or jr.killed,
                  step=summary.get("step"), val_loss=summary.get("val_loss"),
-                 command=ctx.runner.commands[-len(jobs):][jobs.index(job)])
+                 command=ctx.runner.commands[first + i])
     evaluated, ejobs = [], []
     for r in runs:
         if r["code"] and not ctx.args.dry_run:
@@ -328,6 +329,7 @@ def run_seeds(ctx: Context, choice: dict[str, Any] | None = None) -> dict[str, A
     summary = {"experiment": exp.name, "title": exp.title, "description": exp.description,
                "started": f"{utc_now():%Y-%m-%d %H:%M} UTC", "environment": environment(),
                "git_commit": git_commit(), "smoke": args.smoke, "variants": ctx.variants,
+               "all_variants": list(exp.variants),
                "labels": exp.labels, "paper": exp.paper, "metrics": list(exp.metrics),
                "breakdown": exp.breakdown, "budget": budget.text(exp.tokens_per_step()),
                "test_split": exp.test_split(ctx.data), "sweep": sweep or None,

@@ -38,3 +38,28 @@ def test_publish_seeds_and_sweep(tmp_path: pathlib.Path) -> None:
     assert (dest / "RESULTS.md").read_text() in top
     with pytest.raises(SystemExit, match="neither summary.json nor choice.json"):
         pub.publish("mqar_diffuse", tmp_path / "empty", root)
+
+
+def test_calls_split_by_model_add_up(tmp_path: pathlib.Path) -> None:
+    """VARIANTS=sessa, then VARIANTS=transformer: one summary with both; a rerun of a model
+    replaces its old runs; the partial calls' plots are kept apart."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    full = _summary()
+    for i, variant in enumerate(["sessa", "transformer", "sessa"]):
+        src = tmp_path / f"call{i}"
+        src.mkdir()
+        part = {**full, "variants": [variant], "all_variants": full["variants"],
+                "runs": [dict(r, metrics={"token_acc": r["metrics"]["token_acc"] + i})
+                         for r in full["runs"] if r["variant"] == variant]}
+        (src / "summary.json").write_text(json.dumps(part))
+        (src / "accuracy_vs_length.png").write_bytes(b"png")
+        pub.publish("symbolsoup600", src, root)
+    merged = json.loads((root / "results" / "symbolsoup600" / "summary.json").read_text())
+    assert merged["variants"] == ["sessa", "transformer"]
+    sessa = [r["metrics"]["token_acc"] for r in merged["runs"] if r["variant"] == "sessa"]
+    assert sessa == pytest.approx([2.5, 2.6, 2.7])                 # the third call's
+    assert len([r for r in merged["runs"] if r["variant"] == "transformer"]) == 3
+    assert merged["aggregate"]["transformer"]["token_acc"]["mean"] == pytest.approx(1.4)
+    assert set(merged["plots"]) == {"results/symbolsoup600/sessa-accuracy_vs_length.png",
+                                    "results/symbolsoup600/transformer-accuracy_vs_length.png"}
