@@ -1,5 +1,6 @@
-"""The SymbolSoup reproduction driver (``sessa_pt.experiments.reproduce_symbolsoup``): its plan (dry run), and the full CPU smoke run (shards,
-3 models x 2 seeds x 2 steps, evaluation, report, RESULTS.md; ~1 min on 2 cores)."""
+"""The SymbolSoup reproduction driver (``sessa_pt.experiments.reproduce_symbolsoup``): its plan
+(dry run), and the full CPU smoke run (shards, 3 models x 2 seeds x 2 steps, evaluation, report,
+RESULTS.md; ~1 min on 2 cores)."""
 
 from __future__ import annotations
 
