@@ -9,7 +9,9 @@ FLOPs per token at the family's ``data.seq_len``) and fails (exit 1) when
 - a variant differs from the Sessa variant outside the architecture fields (``model.*`` and
   ``run.name``; ``run.dir`` follows ``run.name`` and may not be set by a variant), or
 - its non-embedding parameters differ from the Sessa variant's by more than ``--tolerance``
-  (default 2%).
+  (default 2%). The exception is the ablation without the feedback branch: a variant whose model
+  is Sessa's with only ``model.sessa.feedback: false`` keeps Sessa's shape, so it has fewer
+  parameters by construction (the ones the feedback branch would have).
 
 ``--suggest`` lists, for every non-Sessa variant, the (d_model, n_layers) pairs closest to the
 Sessa variant's non-embedding parameters under the mixer's shape constraints: the generator half
@@ -90,6 +92,13 @@ def non_architecture_differences(ref: Config, other: Config) -> list[str]:
     return diffs
 
 
+def is_feedback_ablation(ref: Config, other: Config) -> bool:
+    """``other`` is ``ref``'s model with the feedback branch switched off and nothing else."""
+    a, b = flatten(to_dict(ref)), flatten(to_dict(other))
+    model_diffs = {k for k in set(a) | set(b) if k.startswith("model.") and a.get(k) != b.get(k)}
+    return model_diffs == {"model.sessa.feedback"} and b.get("model.sessa.feedback") is False
+
+
 def problems(family: str | pathlib.Path, tolerance: float = TOLERANCE,
              variants: list[VariantInfo] | None = None) -> list[str]:
     """Every way the family violates the matching rules; empty when it is matched."""
@@ -104,7 +113,7 @@ def problems(family: str | pathlib.Path, tolerance: float = TOLERANCE,
             continue
         out += [f"{v.name}: {d}" for d in non_architecture_differences(ref.cfg, v.cfg)]
         ratio = v.params_non_embedding / ref.params_non_embedding
-        if abs(ratio - 1) > tolerance:
+        if abs(ratio - 1) > tolerance and not is_feedback_ablation(ref.cfg, v.cfg):
             out.append(f"{v.name}: {v.params_non_embedding:,} non-embedding parameters = "
                        f"{ratio:.4f} x sessa's {ref.params_non_embedding:,} (allowed within "
                        f"{100 * tolerance:g}%); `--suggest` lists matching sizes")

@@ -29,7 +29,8 @@ class SessaOptions:
                                         # (scores recomputed per channel block, no scratch)
     panel_mib: float = 256.0            # triton solve=panel: scratch budget in MiB; sets the
                                         # super-chunk width W (memory vs time, same result)
-
+    feedback: bool = True               # false: the ablation without the feedback branch (s = f;
+                                        # its parameters are not created)
 
     def errors(self) -> list[str]:
         from sessa_pt.models.feedback import FEEDBACK_IMPLS

@@ -27,7 +27,8 @@ def build_mixer(cfg: ModelConfig, kind: str) -> nn.Module:
         return SessaMixer(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, variant=o.variant,
                           gamma_max=o.gamma_max, gamma_bias_init=o.gamma_bias_init,
                           fb_dim=o.fb_dim, impl=o.impl, chunk_size=o.chunk_size,
-                          solve=o.solve, panel_mib=o.panel_mib, use_rope=cfg.use_rope, rope_base=cfg.rope_base)
+                          solve=o.solve, panel_mib=o.panel_mib, feedback=o.feedback,
+                          use_rope=cfg.use_rope, rope_base=cfg.rope_base)
     if kind == "attention":
         return AttentionMixer(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, use_rope=cfg.use_rope,
                               rope_base=cfg.rope_base)

@@ -8,6 +8,9 @@ SPEC_SESSA.md sections 2-3. ``variant='reference'`` (default) follows the author
 gamma_t = gamma_max * tanh(gamma_bias + a_t . w_gamma), gamma_bias initialised to 1.0 and one
 feedback head of width D. ``variant='paper'``: gamma_t = tanh(a_t . w_gamma + b_gamma), b_gamma
 initialised to 0, and a feedback width ``fb_dim`` that may differ from D.
+
+``feedback=False`` is the ablation "Sessa without its feedback branch": s = f, and the feedback
+parameters are not created, so parameter counts stay honest.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class SessaMixer(AttentionMixer):
         panel_mib: float = 256.0,
         use_rope: bool = True,
         rope_base: float = 10000.0,
+        feedback: bool = True,
     ) -> None:
         super().__init__(d_model, n_heads, n_kv_heads, qkv_bias=True, use_rope=use_rope,
                          rope_base=rope_base)
@@ -54,10 +58,18 @@ class SessaMixer(AttentionMixer):
                 raise ValueError(f"gamma_max must lie in (0, 1), got {gamma_max}")
         self.variant, self.impl, self.chunk_size = variant, impl, chunk_size
         self.solve, self.panel_mib = solve, panel_mib
+        self.feedback = feedback
         self.fb_dim = d_model if fb_dim is None else fb_dim
         self.gamma_max = gamma_max if variant == "reference" else 1.0
         if gamma_bias_init is None:
             gamma_bias_init = 1.0 if variant == "reference" else 0.0
+        # Hook points for tensor parallelism (identity here; sessa_pt.parallel replaces them):
+        # the routing is shared by all channels, so a TP rank solves its own slice of channels
+        # (f_to_local) and the routing inputs' gradients are summed over ranks (routing_grad_sync).
+        self.f_to_local: nn.Module = nn.Identity()
+        self.routing_grad_sync: nn.Module = nn.Identity()
+        if not feedback:
+            return
         self.proj_fb = nn.Linear(d_model, 2 * self.fb_dim, bias=True)       # [q_b | k_b]
         self.gamma_ctx = nn.Linear(d_model, 1, bias=False)
         # nn.Linear's default init gives the reference's spread of initial gains (mean ~0.7).
@@ -68,11 +80,6 @@ class SessaMixer(AttentionMixer):
         # reshapes).
         self.gamma_bias = nn.Parameter(torch.full((1,), float(gamma_bias_init)))
         self.gamma_bias._no_reinit = True
-        # Hook points for tensor parallelism (identity here; sessa_pt.parallel replaces them):
-        # the routing is shared by all channels, so a TP rank solves its own slice of channels
-        # (f_to_local) and the routing inputs' gradients are summed over ranks (routing_grad_sync).
-        self.f_to_local: nn.Module = nn.Identity()
-        self.routing_grad_sync: nn.Module = nn.Identity()
 
     def _gain(self, logit: Tensor) -> Tensor:
         g = torch.tanh(self.gamma_bias + logit)
@@ -98,6 +105,8 @@ class SessaMixer(AttentionMixer):
     def feedback_inputs(self, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q_b, k_b (B, T, fb_dim) and gamma (B, T). q_b and k_b are strided views of the
         fused projection; the feedback kernels make their own contiguous copies."""
+        if not self.feedback:
+            raise ValueError("this Sessa mixer has no feedback branch (model.sessa.feedback=false)")
         h = self.routing_projection(a)
         n, sync = self.fb_dim, self.routing_grad_sync
         # Under TP the gradient sum over ranks must come after every use that a rank's
@@ -107,10 +116,14 @@ class SessaMixer(AttentionMixer):
         return qk[..., :n], qk[..., n:], sync(self._gain(h[..., 2 * n]))
 
     def init_cache(self) -> KVCache:
+        if not self.feedback:
+            return super().init_cache()
         return KVCache(extra={"k_b": SeqBuffer(1), "s": SeqBuffer(1)})
 
     def forward(self, a: Tensor, cache: KVCache | None = None) -> Tensor:
         f = self.f_to_local(super().forward(a, cache))
+        if not self.feedback:
+            return f
         q_b, k_b, gamma = self.feedback_inputs(a)
         if cache is None:
             return sessa_feedback(q_b, k_b, gamma, f, impl=self.impl, chunk_size=self.chunk_size,
@@ -135,6 +148,8 @@ class SessaMixer(AttentionMixer):
         """Forward FLOPs per token: the attention branch, the feedback projections and gain, the
         T x T routing logits (full T^2, like attention: 2 T Dk per token) and the triangular
         solve (T^2 D / 2 multiply-adds per sequence: T D FLOPs per token)."""
+        if not self.feedback:
+            return super().flops_per_token(seq_len)
         D, Dk = self.d_model, self.fb_dim
         fb = 2 * D * 2 * Dk + 2 * D + 2 * seq_len * Dk + seq_len * D
         return super().flops_per_token(seq_len) + float(fb)

@@ -1,5 +1,5 @@
 """SymbolSoup reproduction (the paper's Table 1, first column) on one or more GPUs:
-``python -m sessa_pt.eval.reproduce_symbolsoup [--length 600|2048] [--out DIR]
+``python -m sessa_pt.experiments.reproduce_symbolsoup [--length 600|2048] [--out DIR]
 [--gpus 0,1,2 --runs-per-gpu 2] [key=value overrides]``.
 
 Steps, each printed and recorded with its exact command:
@@ -35,18 +35,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import math
 import os
 import pathlib
-import shlex
 import statistics
-import subprocess
 import sys
-import time
 from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from sessa_pt.experiments.runner import (
+    ROOT,
+    Job,
+    Runner,
+    ensure_experiment,
+    environment,
+    gpu_slots,
+    read_json,
+    tracking_uri,
+)
+
 PAPER = {"sessa": (0.8601, 0.0016), "transformer": (0.7921, 0.0070),
          "mamba2": (0.0500, 0.0000)}
 VARIANTS = ("sessa", "transformer", "mamba2")
@@ -55,7 +61,7 @@ LENGTHS = {600: (400, 600), 2048: (1366, 2048)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sessa_pt.eval.reproduce_symbolsoup",
+    p = argparse.ArgumentParser(prog="python -m sessa_pt.experiments.reproduce_symbolsoup",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
@@ -120,131 +126,12 @@ def parse_settings(specs: list[str]) -> list[Setting]:
     return out
 
 
-class Runner:
-    """Runs the pipeline's commands, one at a time (output streamed) or, for the training and
-    evaluation runs, several at once in ``slots`` (each slot an environment overlay such as
-    ``{"CUDA_VISIBLE_DEVICES": "2"}``; output to a log file per run)."""
-
-    def __init__(self, dry_run: bool, slots: list[dict[str, str]] | None = None) -> None:
-        self.dry_run, self.commands = dry_run, []
-        self.slots = slots or [{}]
-
-    def _record(self, cmd: list[str], overlay: dict[str, str]) -> str:
-        text = " ".join([*(f"{k}={v}" for k, v in overlay.items()),
-                         *(shlex.quote(c) for c in cmd)])
-        self.commands.append(text)
-        return text
-
-    def run(self, cmd: list[str], env: dict[str, str] | None = None) -> int:
-        """Run one command with its output streamed; returns its exit code."""
-        print(f"\n$ {self._record(cmd, {})}", flush=True)
-        if self.dry_run:
-            return 0
-        return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
-                              check=False).returncode
-
-    def run_all(self, jobs: list[Job], env: dict[str, str] | None = None,
-                max_minutes: float = 0.0) -> list[tuple[int, float, bool]]:
-        """Run ``jobs`` over the slots, a new one starting whenever a slot frees up; a job past
-        ``max_minutes`` gets its STOP file (the trainer saves at the next step and exits).
-        Returns (exit code, seconds, stopped) per job, in order."""
-        parallel = len(self.slots) > 1
-        results: list[tuple[int, float, bool] | None] = [None] * len(jobs)
-        pending = list(enumerate(jobs))
-        running: dict[int, tuple[subprocess.Popen, int, float, bool, Any]] = {}
-        free = list(range(len(self.slots)))
-        while pending or running:
-            while pending and free:
-                i, job = pending.pop(0)
-                slot = free.pop(0)
-                overlay = self.slots[slot] if parallel else {}
-                text = self._record(job.cmd, overlay)
-                print(f"\n$ {text}" + (f"\n  (log: {job.log})" if parallel and job.log else ""),
-                      flush=True)
-                if self.dry_run:
-                    results[i] = (0, 0.0, False)
-                    free.append(slot)
-                    continue
-                out = None
-                if parallel and job.log:
-                    job.log.parent.mkdir(parents=True, exist_ok=True)
-                    out = open(job.log, "w")  # noqa: SIM115 (closed when the job ends)
-                proc = subprocess.Popen(job.cmd, cwd=ROOT, stdout=out,
-                                        stderr=subprocess.STDOUT if out else None,
-                                        env={**os.environ, **(env or {}), **overlay})
-                running[i] = (proc, slot, time.time(), False, out)
-            if not running:
-                continue
-            time.sleep(1.0)
-            for i, (proc, slot, t0, stopped, out) in list(running.items()):
-                job = jobs[i]
-                if proc.poll() is None:
-                    if max_minutes and job.stop_file and not stopped and \
-                            time.time() - t0 > 60 * max_minutes:
-                        job.stop_file.parent.mkdir(parents=True, exist_ok=True)
-                        job.stop_file.touch()   # the trainer saves at the next step and exits
-                        running[i] = (proc, slot, t0, True, out)
-                        print(f"[reproduce] {max_minutes} min budget reached: wrote "
-                              f"{job.stop_file}", flush=True)
-                    continue
-                if out:
-                    out.close()
-                secs = time.time() - t0
-                results[i] = (proc.returncode, secs, stopped)
-                del running[i]
-                free.append(slot)
-                if parallel:
-                    name = job.log.stem if job.log else " ".join(job.cmd)[:120]
-                    print(f"[reproduce] {name}: exit {proc.returncode} after {secs / 60:.1f} min",
-                          flush=True)
-                    if proc.returncode and job.log:
-                        print("".join(job.log.read_text().splitlines(True)[-30:]), flush=True)
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
-
-
-@dataclasses.dataclass
-class Job:
-    cmd: list[str]
-    stop_file: pathlib.Path | None = None
-    log: pathlib.Path | None = None
-
-
-def gpu_slots(gpus: str, per_gpu: int) -> list[dict[str, str]] | None:
-    """``--gpus 0,1 --runs-per-gpu 2`` -> four slots, two on each GPU."""
-    ids = [g.strip() for g in gpus.split(",") if g.strip()]
-    if not ids:
-        return None
-    if per_gpu < 1:
-        raise SystemExit("--runs-per-gpu must be >= 1")
-    return [{"CUDA_VISIBLE_DEVICES": g} for _ in range(per_gpu) for g in ids]
-
-
-def ensure_experiment(uri: str, name: str) -> None:
-    """Create the mlflow experiment once, before concurrent runs race to create it."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    if client.get_experiment_by_name(name) is None:
-        client.create_experiment(name)
-
-
-def tracking_uri(out: pathlib.Path) -> str:
-    from sessa_pt.train.tracking import default_uri
-
-    return default_uri(str(out))
-
-
 def train_examples(family: str, steps: int | None) -> int:
     """train.steps x train.global_batch_size of the family's recipes (they share both)."""
     from sessa_pt.config import load_config
 
     t = load_config(ROOT / "recipes" / family / "sessa.yaml").train
     return (steps or t.steps) * t.global_batch_size
-
-
-def read_json(path: pathlib.Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,13 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                        *setting.overrides, *named]
                 runs.append({"variant": variant, "seed": seed, "run_dir": run_dir,
                              "setting": setting.name, "key": key})
-                jobs.append(Job(cmd, run_dir / "STOP",
-                                out / "logs" / f"train-{key.replace('/', '-')}.log"))
+                jobs.append(Job(cmd, out / "logs" / f"train-{key.replace('/', '-')}.log",
+                                run_dir / "STOP", name=f"train {key}"))
     if len(runner.slots) > 1 and not args.dry_run:
         ensure_experiment(uri, family)
-    for r, (code, secs, stopped) in zip(runs, runner.run_all(jobs, env,
-                                                             args.max_minutes_per_run)):
-        r.update(code=code, seconds=secs, stopped=stopped,
+    for r, res in zip(runs, runner.run_all(jobs, env, args.max_minutes_per_run), strict=True):
+        code = res.code
+        r.update(code=code, seconds=res.seconds, stopped=res.stopped or res.killed,
                  summary=read_json(r["run_dir"] / "summary.json"))
         if code:
             print(f"[reproduce] training {r['key']} failed (exit {code})", flush=True)
@@ -338,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         if impl:
             cmd += ["--sessa-impl", impl]
         evaluated.append(r)
-        jobs.append(Job(cmd, log=out / "logs" / f"eval-{r['key'].replace('/', '-')}.log"))
-    for r, (code, secs, _) in zip(evaluated, runner.run_all(jobs, env)):
-        r["eval"] = read_json(r["eval_json"]) if not code else {}
-        r["eval_seconds"] = secs
+        jobs.append(Job(cmd, log=out / "logs" / f"eval-{r['key'].replace('/', '-')}.log",
+                        name=f"eval {r['key']}"))
+    for r, res in zip(evaluated, runner.run_all(jobs, env), strict=True):
+        r["eval"] = read_json(r["eval_json"]) if not res.code else {}
+        r["eval_seconds"] = res.seconds
 
     # 4. report and RESULTS.md
     report_dir = out / "report"
@@ -366,13 +254,6 @@ def _ms(vals: list[float]) -> str:
     if len(vals) == 1:
         return f"{vals[0]:.4f}"
     return f"{statistics.fmean(vals):.4f} ± {statistics.stdev(vals):.4f}"
-
-
-def environment() -> str:
-    import torch
-
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return f"{dev}, torch {torch.__version__}, Python {sys.version.split()[0]}"
 
 
 def results_markdown(args, family: str, lo: int, hi: int, runs: list[dict[str, Any]],

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# One GPU call of a tuned comparison on one H200: every run of the phase trains side by side on
+# GPU 0, capped so that the whole call ends within about 8 minutes, and the results come back in
+# at most 8 files directly under $OUT.
+#
+#   sessa_pt/experiments/gpu_call.sh EXPERIMENT PHASE [extra options of the experiment]
+#     EXPERIMENT: symbolsoup | symbolsoup2048 | mqar | lm
+#     PHASE:      sweep (lr sweep, choice on the validation split) | seeds (final runs)
+#
+# Environment (all optional):
+#   TRAIN_MINUTES  per-run training cap (default 4.0; the trainer stops at it and the results
+#                  mark the run "stopped")
+#   VARIANTS       comma-separated models of this call (default: all of the experiment), e.g.
+#                  VARIANTS=sessa to give one model's three seeds a whole call
+#   SESSA_GIT_COMMIT  the commit of the tree (the GPU machine has no .git to ask)
+#   WORK           where the runs live on the GPU machine (default /tmp/exp)
+#   WHEELS=0       skip the wheel install (a CPU check of this script with --smoke)
+# The seeds phase reads the sweep's choice from results/<name>/choice.json (commit the
+# choice.json that the sweep call brought back there first), or takes --lr VARIANT=LR options.
+#
+# Needs on the GPU machine: .whl/ (../shared/gpu/wheels.sh) and, for lm, data/lm_table2/raw.tar.xz
+# and data/lm_table2/tok/ (prepared on the CPU machine: sessa_pt/experiments/lm.py says how).
+# Files under $OUT: choice.json (sweep) or summary.json + RESULTS.md + report.md + the report's
+# PNGs (seeds), runs.tar.gz (every log, eval/memory-tail JSON, run summary and the mlflow store)
+# and call.txt (wall times of the call's steps).
+set -uo pipefail
+exp=${1:?usage: gpu_call.sh EXPERIMENT PHASE [options]}
+phase=${2:?usage: gpu_call.sh EXPERIMENT PHASE [options]}
+shift 2
+case $exp in
+  symbolsoup) name=symbolsoup600 ;;
+  symbolsoup2048) name=symbolsoup2048 ;;
+  mqar) name=mqar_diffuse ;;
+  lm) name=lm_table2 ;;
+  *) echo "unknown experiment $exp: symbolsoup | symbolsoup2048 | mqar | lm" >&2; exit 2 ;;
+esac
+case $phase in sweep|seeds) ;; *) echo "PHASE must be sweep or seeds, got $phase" >&2; exit 2 ;; esac
+: "${OUT:?set OUT to the folder whose files come back}"
+t0=$(date +%s)
+stamp() { echo "$1 $(( $(date +%s) - t0 )) s" | tee -a "$OUT/call.txt"; }
+
+PY=${PYTHON:-python3}
+if [[ ${WHEELS:-1} != 0 ]]; then
+  S=$(mktemp -d)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$S" .whl/*.whl || { echo "wheel install failed: is .whl/ carried?" >&2; exit 1; }
+  export PYTHONPATH=$S:$PWD:$PWD/kernels
+else
+  export PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
+fi
+export OMP_NUM_THREADS=1 MLFLOW_ALLOW_FILE_STORE=true MLFLOW_DISABLE_TELEMETRY=true
+# The image sets TORCH_CUDA_ARCH_LIST=9.0a, which DeepSpeed's op builder cannot parse.
+export TORCH_CUDA_ARCH_LIST=9.0
+stamp "installed wheels:"
+
+work=${WORK:-/tmp/exp}
+args=(--gpus 0 --out $work/$name --minutes "${TRAIN_MINUTES:-4.0}"
+      --sweep-minutes "${TRAIN_MINUTES:-4.0}")
+[[ -n ${VARIANTS:-} ]] && args+=(--variants "$VARIANTS")
+n_variants=$($PY - "$exp" "${VARIANTS:-}" <<'EOF'
+import sys
+from sessa_pt.experiments.__main__ import EXPERIMENTS
+e = EXPERIMENTS[sys.argv[1]]()
+print(len(sys.argv[2].split(",")) if sys.argv[2] else len(e.variants))
+EOF
+)
+# every run of the phase gets its own slot on GPU 0: 3 learning rates or 3 seeds per model
+args+=(--runs-per-gpu $(( 3 * n_variants )))
+if [[ $phase == seeds && -f results/$name/choice.json ]]; then
+  args+=(--choice "results/$name/choice.json")
+fi
+$PY -m sessa_pt.experiments "$exp" "$phase" "${args[@]}" "$@" > "$OUT/driver.log" 2>&1
+code=$?
+stamp "phase $phase (exit $code):"
+
+d=$work/$name/$phase
+if [[ $phase == sweep ]]; then
+  cp "$d/choice.json" "$OUT/" 2>/dev/null
+else
+  cp "$d/summary.json" "$d/RESULTS.md" "$OUT/" 2>/dev/null
+  cp "$d/report/report.md" "$d"/report/*.png "$OUT/" 2>/dev/null
+fi
+# Everything else (logs, JSONs, run summaries, mlflow store; no checkpoints) in one tarball.
+if [[ -d $d ]]; then
+  mv "$OUT/driver.log" "$d/"
+  tar -C "$d" -czf "$OUT/runs.tar.gz" --exclude='checkpoints' --exclude='*.pt' .
+  log=$d/driver.log
+else
+  log=$OUT/driver.log     # the phase never started: its log is what comes back
+fi
+stamp "packed:"
+ls -la "$OUT"
+tail -n 40 "$log"
+exit $code

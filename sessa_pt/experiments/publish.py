@@ -1,0 +1,122 @@
+"""Bring one GPU call's files into the repository: ``python -m sessa_pt.experiments.publish
+NAME DIR`` (NAME: symbolsoup600, symbolsoup2048, mqar_diffuse, lm_table2; DIR: the folder the
+call's ``$OUT`` files came back to, from ``sessa_pt/experiments/gpu_call.sh``).
+
+- a sweep's ``choice.json`` -> ``results/NAME/choice.json`` (the seeds call reads it there);
+- a seeds call's ``summary.json``, ``report.md`` and PNGs -> ``results/NAME/``. When the GPU
+  image had no matplotlib (no PNGs came back), the comparison report is rebuilt here from the
+  mlflow store inside ``runs.tar.gz``. A call that ran only some models (``VARIANTS=sessa``)
+  adds its runs to the summary already there (its report files get a ``<models>-`` prefix);
+- ``results/NAME/RESULTS.md`` is rewritten from the summary (plot paths pointing into
+  ``results/NAME/``), and the top-level ``RESULTS.md`` gets it between the markers
+  ``<!-- experiment:NAME -->`` and ``<!-- /experiment:NAME -->`` (appended the first time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+from sessa_pt.experiments import results as res
+from sessa_pt.experiments.runner import ROOT
+
+NAMES = ("symbolsoup600", "symbolsoup2048", "mqar_diffuse", "lm_table2")
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """``text`` with the marked section of ``name`` replaced by ``body`` (appended if absent)."""
+    start, end = f"<!-- experiment:{name} -->", f"<!-- /experiment:{name} -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        return head + block + rest.split(end, 1)[1]
+    return text.rstrip() + "\n\n" + block + "\n"
+
+
+def merge_summaries(old: dict, new: dict) -> dict:
+    """``new`` with the runs of ``old``'s other models kept: a seeds phase split over several
+    calls (``VARIANTS=sessa``, then ``transformer``, ...) adds up to one table. A model that
+    ``new`` ran replaces its old runs."""
+    if not old:
+        return new
+    ran = set(new["variants"])
+    kept = [r for r in old.get("runs", []) if r["variant"] not in ran]
+    order = [*old.get("variants", []), *(v for v in new["variants"]
+                                          if v not in old.get("variants", []))]
+    commands = [*old.get("commands", []), *new.get("commands", [])]
+    return {**new, "variants": order, "runs": kept + new["runs"], "commands": commands,
+            "aggregate": res.aggregate(kept + new["runs"], list(new["metrics"]))}
+
+
+def _rebuild_report(tarball: pathlib.Path, name: str, dest: pathlib.Path, prefix: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as made:
+        with tarfile.open(tarball) as tar:
+            tar.extractall(tmp, filter="data")
+        store = pathlib.Path(tmp)
+        # The GPU image's mlflow-skinny has no SQLAlchemy: its store is a file store (mlruns/).
+        uri = f"sqlite:///{store}/mlflow.db" if (store / "mlflow.db").is_file() else \
+            (store / "mlruns").as_uri()
+        cmd = [sys.executable, "-m", "sessa_pt.eval.report", "--tracking-uri", uri, "--experiment", f"{name}-seeds", "--out", made,
+               "--no-log"]
+        if subprocess.run(cmd, cwd=ROOT, check=False).returncode:
+            print("[publish] the comparison report failed; RESULTS.md keeps its tables",
+                  file=sys.stderr)
+        for f in [*pathlib.Path(made).glob("*.png"), pathlib.Path(made) / "report.md"]:
+            if f.is_file():
+                shutil.copy2(f, dest / f"{prefix}{f.name}")
+
+
+def publish(name: str, src: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.Path:
+    if name not in NAMES:
+        raise SystemExit(f"unknown experiment {name!r}: choose from {', '.join(NAMES)}")
+    dest = root / "results" / name
+    dest.mkdir(parents=True, exist_ok=True)
+    if (src / "choice.json").is_file():
+        shutil.copy2(src / "choice.json", dest / "choice.json")
+        print(f"[publish] {dest / 'choice.json'}: the seeds call reads it")
+    if not (src / "summary.json").is_file():
+        if not (src / "choice.json").is_file():
+            raise SystemExit(f"{src} has neither summary.json nor choice.json: is it the "
+                             "folder a gpu_call.sh call's files came back to?")
+        return dest
+    new = json.loads((src / "summary.json").read_text())
+    old = json.loads((dest / "summary.json").read_text()) if (dest / "summary.json").is_file() \
+        else {}
+    summary = merge_summaries(old, new)
+    # A call that ran some of the models keeps its report apart: <models>-<file>.
+    every = set(new.get("all_variants") or new["variants"]) | set(summary["variants"])
+    prefix = "" if set(new["variants"]) >= every else "-".join(new["variants"]) + "-"
+    for f in [*src.glob("*.png"), src / "report.md"]:
+        if f.is_file():
+            shutil.copy2(f, dest / f"{prefix}{f.name}")
+    if not list(src.glob("*.png")) and (src / "runs.tar.gz").is_file():
+        _rebuild_report(src / "runs.tar.gz", name, dest, prefix)
+    summary["plots"] = sorted(str(p.relative_to(root)) for p in dest.glob("*.png"))
+    res.write_summary(dest / "summary.json", summary)
+    body = res.results_markdown(summary)
+    (dest / "RESULTS.md").write_text(body)
+    top = root / "RESULTS.md"
+    top.write_text(replace_section(top.read_text() if top.is_file() else "# Results\n",
+                                   name, body))
+    print(f"[publish] {dest}/summary.json, {dest}/RESULTS.md and the section in {top}")
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sessa_pt.experiments.publish",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("name", choices=NAMES)
+    p.add_argument("src", help="the folder with the GPU call's files")
+    args = p.parse_args(argv)
+    publish(args.name, pathlib.Path(args.src))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""Results of a tuned comparison: statistics over seeds, ``summary.json`` and the RESULTS.md
+section (tables beside the paper's numbers, per-bin breakdowns, wall times, every command).
+
+The summary is the single source of the tables: ``write_results`` reads nothing else, so a
+table can be rebuilt from a ``summary.json`` alone (``python -m sessa_pt.experiments
+EXPERIMENT report --summary PATH``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import statistics
+from typing import Any
+
+# Two-sided 95% quantiles of Student's t, t_{0.975, df}, for df = 1..30 (beyond: the normal's).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile_975(df: int) -> float:
+    if df < 1:
+        raise ValueError(f"a t-interval needs at least 2 values (df >= 1), got df={df}")
+    return T975[df - 1] if df <= len(T975) else 1.960
+
+
+def mean_std_ci(values: list[float]) -> dict[str, float | int | None]:
+    """Mean, sample std and the 95% t-interval of the mean (None with fewer than 2 values)."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return {"n": 0, "mean": None, "std": None, "ci95_lo": None, "ci95_hi": None}
+    mean = statistics.fmean(vals)
+    if len(vals) < 2:
+        return {"n": 1, "mean": mean, "std": None, "ci95_lo": None, "ci95_hi": None}
+    std = statistics.stdev(vals)
+    half = t_quantile_975(len(vals) - 1) * std / math.sqrt(len(vals))
+    return {"n": len(vals), "mean": mean, "std": std, "ci95_lo": mean - half,
+            "ci95_hi": mean + half}
+
+
+def fmt_stat(s: dict[str, Any], digits: int = 4) -> str:
+    if not s.get("n"):
+        return "-"
+    if s["std"] is None:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def fmt_ci(s: dict[str, Any], digits: int = 4) -> str:
+    if s.get("ci95_lo") is None:
+        return "-"
+    return f"[{s['ci95_lo']:.{digits}f}, {s['ci95_hi']:.{digits}f}]"
+
+
+def aggregate(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str, dict[str, Any]]:
+    """Per variant and metric: mean, std and 95% interval over the variant's seeds."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        out.setdefault(r["variant"], {})
+    for variant in out:
+        rs = [r for r in runs if r["variant"] == variant]
+        out[variant] = {m: mean_std_ci([r["metrics"].get(m) for r in rs
+                                        if r.get("metrics", {}).get(m) is not None])
+                        for m in metrics}
+    return out
+
+
+def write_summary(path: pathlib.Path, summary: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def bins_table(runs: list[dict[str, Any]], variants: list[str], labels: dict[str, str],
+               key: str) -> list[str]:
+    """Accuracy per breakdown bin (length or lag), mean over seeds, one row per variant."""
+    edges: set[tuple[int, int]] = set()
+    cells: dict[tuple[str, tuple[int, int]], list[float]] = {}
+    for r in runs:
+        for b in r.get("bins", []):
+            e = (math.floor(b["lo"]), math.floor(b["hi"]))
+            edges.add(e)
+            cells.setdefault((r["variant"], e), []).append(b["acc"])
+    if not edges:
+        return []
+    cols = sorted(edges)
+    lines = [f"Token accuracy by {key} (test split, mean over seeds):", "",
+             "| model | " + " | ".join(f"{a}-{b}" for a, b in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for v in variants:
+        row = [f"{statistics.fmean(cells[(v, e)]):.3f}" if (v, e) in cells else "-"
+               for e in cols]
+        lines.append(f"| {labels.get(v, v)} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def results_markdown(summary: dict[str, Any]) -> str:
+    """The RESULTS.md section of one experiment, from its summary."""
+    labels: dict[str, str] = summary["labels"]
+    metrics: list[str] = summary["metrics"]
+    variants: list[str] = summary["variants"]
+    paper: dict[str, dict[str, float]] = summary.get("paper", {})
+    runs = summary["runs"]
+    agg = aggregate(runs, metrics)
+    smoke = " (SMOKE TEST: tiny budgets on CPU, not a result)" if summary.get("smoke") else ""
+    lines = [f"## {summary['title']}{smoke}", "",
+             (f"Measured {summary['started']} on {summary['environment']}, commit "
+              f"`{summary['git_commit']}`. {summary['description']}"), ""]
+    sweep = summary.get("sweep")
+    if sweep:
+        lines += [(f"Learning rate chosen per model on the validation split ("
+                   f"{sweep['select_metric']}, {sweep['select_mode']}imised; sweep budget "
+                   f"{sweep['budget']}, seed {sweep['seed']}):"), "",
+                  "| model | " + " | ".join(f"lr {lr:g}" for lr in sweep["lrs"])
+                  + " | chosen |", "|---|" + "---|" * (len(sweep["lrs"]) + 1)]
+        for v in variants:
+            row = sweep["table"].get(v, {})
+            cells = [f"{row[str(lr)]:.4f}" if row.get(str(lr)) is not None else "failed"
+                     for lr in sweep["lrs"]]
+            lines.append(f"| {labels.get(v, v)} | " + " | ".join(cells)
+                         + f" | {sweep['chosen'].get(v, '-')} |")
+        lines.append("")
+    head = ["model", "params (non-emb)", "lr"]
+    for m in metrics:
+        head += [f"{m} (mean ± std)", f"{m} 95% CI"]
+        if any(m in paper.get(v, {}) for v in variants):
+            head.append(f"{m} paper")
+    head += ["seeds", "train time per run"]
+    lines += [f"Final runs: budget {summary['budget']}; test split: {summary['test_split']}.",
+              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v]
+        if not rs:
+            continue
+        cells = [labels.get(v, v), f"{rs[0].get('params_non_embedding', 0) / 1e6:.2f}M",
+                 f"{rs[0].get('lr', '-'):g}" if isinstance(rs[0].get("lr"), float) else "-"]
+        for m in metrics:
+            cells += [fmt_stat(agg[v][m]), fmt_ci(agg[v][m])]
+            if any(m in paper.get(u, {}) for u in variants):
+                p = paper.get(v, {}).get(m)
+                cells.append(f"{p:g}" if p is not None else "-")
+        cells.append(", ".join(f"s{r['seed']}" + ("" if r.get("metrics") else " failed")
+                               + (" stopped" if r.get("stopped") else "") for r in rs))
+        cells.append(", ".join(f"{r['train_seconds'] / 60:.1f}" for r in rs) + " min")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    per_seed = ["Per seed:", ""]
+    for r in runs:
+        vals = ", ".join(f"{m} {r['metrics'][m]:.4f}" for m in metrics
+                         if r.get("metrics", {}).get(m) is not None) or "no result"
+        per_seed.append(f"- {labels.get(r['variant'], r['variant'])} seed {r['seed']}: {vals} "
+                        f"(step {r.get('step', '?')}, {r['train_seconds'] / 60:.1f} min)")
+    lines += per_seed + [""]
+    if summary.get("breakdown"):
+        lines += bins_table(runs, variants, labels, summary["breakdown"])
+    tails = [r for r in runs if r.get("memory_tail")]
+    if tails:
+        lines += [("Memory tail (fitted beta per layer, influence ~ lag^-beta; seed "
+                   f"{tails[0]['seed']} of each model):"), ""]
+        seen: set[str] = set()
+        for r in tails:
+            if r["variant"] in seen:
+                continue
+            seen.add(r["variant"])
+            betas = ", ".join(f"{row['layer']}: {row['beta']:.2f}" for row in r["memory_tail"]
+                              if row.get("beta") is not None)
+            lines.append(f"- {labels.get(r['variant'], r['variant'])}: {betas}")
+        lines.append("")
+    if summary.get("plots"):
+        lines += ["Plots: " + ", ".join(f"`{p}`" for p in summary["plots"]), ""]
+    lines += ["Rerun any row (one run's exact command is in `summary.json`, `runs[].command`):",
+              "", "```", *summary["commands"], "```", ""]
+    return "\n".join(lines)

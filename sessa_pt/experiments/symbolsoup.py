@@ -1,0 +1,75 @@
+"""SymbolSoup, the paper's Table 1 (400-600 tokens, and 1366-2048 tokens), as a tuned
+comparison: ``python -m sessa_pt.experiments symbolsoup {sweep,seeds,all}`` (or
+``symbolsoup2048``). Recipes: ``recipes/symbolsoup[2048]/``; data: ``sessa-data symbolsoup``
+(seed 0, as many fresh training examples as the longest phase consumes); metric: greedy accuracy
+of the class token (``sessa-eval task``), by sequence length.
+
+Budgets, from the measured rate of one H200 (RESULTS.md: about 1000 steps of 128 x 600 tokens a
+minute in all, whether 2 or 4 runs share the GPU): the sweep, 3 models x 3 rates x 500 steps,
+is ~4.5 GPU-minutes; the final runs, 3 seeds x 1500 steps per model, ~4.5 GPU-minutes per model
+(``--variants`` runs one model per GPU call). Validation loss was still falling at 3000 steps
+(RESULTS.md): 1500 steps is what fits a call, not a converged budget.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from sessa_pt.experiments.tuned import Budget, Context, Experiment
+
+LENGTHS = {"symbolsoup": (400, 600), "symbolsoup2048": (1366, 2048)}
+
+
+class SymbolSoup(Experiment):
+    metrics = ("token_acc",)
+    select_metric = "token_acc"
+    breakdown = "length"
+    lrs = (2.5e-4, 5e-4, 1e-3)
+    sweep_budget = Budget(500, 50, 0.0)
+    final_budget = Budget(1500, 150, 0.0)
+
+    def __init__(self, family: str = "symbolsoup") -> None:
+        self.family = family
+        self.lo, self.hi = LENGTHS[family]
+        self.name = "symbolsoup600" if family == "symbolsoup" else family
+        self.title = f"SymbolSoup, {self.lo}-{self.hi} tokens (the paper's Table 1)"
+        self.paper = ({"sessa": {"token_acc": 0.8601}, "transformer": {"token_acc": 0.7921},
+                       "mamba2": {"token_acc": 0.0500}} if family == "symbolsoup" else {})
+        self.description = (f"20 classes (chance 0.05), sequences of {self.lo}-{self.hi} tokens; "
+                            "accuracy = greedy prediction of the class token on the held-out "
+                            "test split (2000 examples), mean ± sample std over seeds, with "
+                            "the 95% t-interval of the mean.")
+
+    def default_data(self) -> pathlib.Path:
+        return super().default_data().parent / self.family
+
+    def lengths(self, smoke: bool) -> tuple[int, int]:
+        return (64, 100) if smoke else (self.lo, self.hi)
+
+    def prepare_data(self, ctx: Context, train_examples: int) -> int:
+        data, smoke, runner = ctx.data, ctx.args.smoke, ctx.runner
+        if (data / "test" / "manifest.json").is_file():
+            runner.note(f"shards already present in {data}")
+            return 0
+        lo, hi = self.lengths(smoke)
+        gen = [ctx.py, "-m", "data_prep.cli", "symbolsoup", "--out", str(data),
+               "--min-len", str(lo), "--max-len", str(hi), "--seq-len", str(hi), "--seed", "0"]
+        if smoke:
+            gen += ["--train", "64", "--valid", "16", "--test", "32"]
+        else:   # as many training examples as the budget consumes: each is seen once
+            gen += ["--train", str(train_examples), "--workers",
+                    str(min(32, os.cpu_count() or 1))]
+        return runner.run(gen, ctx.env)
+
+    def train_overrides(self, data: pathlib.Path, smoke: bool) -> list[str]:
+        out = [f"data.train={data}/train/manifest.json", f"data.valid={data}/valid/manifest.json",
+               "checkpoint.every=0", "eval.every=250"]
+        return out + ([f"data.seq_len={self.lengths(True)[1]}"] if smoke else [])
+
+    def eval_command(self, py: str, run_dir: pathlib.Path, data: pathlib.Path, split: str,
+                     out_json: pathlib.Path, smoke: bool) -> list[str]:
+        cmd = [py, "-m", "sessa_pt.eval.cli", "task", str(run_dir), "--data",
+               f"{data}/{split}/manifest.json", "--json", str(out_json), "--batch-size",
+               "16" if smoke else "64"]
+        return cmd + (["--sessa-impl", "chunked"] if smoke else [])

@@ -1,0 +1,65 @@
+"""Publishing a GPU call's files into results/ and the marked RESULTS.md section."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from sessa_pt.experiments import publish as pub
+from tests.experiments.test_results import _summary
+
+
+def test_replace_section_appends_then_replaces() -> None:
+    once = pub.replace_section("# Results\n\nintro\n", "mqar_diffuse", "first")
+    assert once.endswith("<!-- experiment:mqar_diffuse -->\nfirst\n"
+                         "<!-- /experiment:mqar_diffuse -->\n")
+    twice = pub.replace_section(once + "\ntail\n", "mqar_diffuse", "second")
+    assert "first" not in twice and "second" in twice and twice.endswith("tail\n")
+    assert twice.startswith("# Results\n\nintro\n")
+
+
+def test_publish_seeds_and_sweep(tmp_path: pathlib.Path) -> None:
+    src, root = tmp_path / "out", tmp_path / "repo"
+    src.mkdir()
+    root.mkdir()
+    (root / "RESULTS.md").write_text("# Results\n")
+    (src / "summary.json").write_text(json.dumps(_summary()))
+    (src / "choice.json").write_text(json.dumps({"chosen": {"sessa": 1e-3}}))
+    (src / "loss_vs_tokens.png").write_bytes(b"png")
+    dest = pub.publish("mqar_diffuse", src, root)
+    assert json.loads((dest / "choice.json").read_text())["chosen"] == {"sessa": 1e-3}
+    assert (dest / "loss_vs_tokens.png").read_bytes() == b"png"
+    summary = json.loads((dest / "summary.json").read_text())
+    assert summary["plots"] == ["results/mqar_diffuse/loss_vs_tokens.png"]
+    top = (root / "RESULTS.md").read_text()
+    assert "<!-- experiment:mqar_diffuse -->" in top and "| 0.6000 ± 0.1000 |" in top
+    assert (dest / "RESULTS.md").read_text() in top
+    with pytest.raises(SystemExit, match="neither summary.json nor choice.json"):
+        pub.publish("mqar_diffuse", tmp_path / "empty", root)
+
+
+def test_calls_split_by_model_add_up(tmp_path: pathlib.Path) -> None:
+    """VARIANTS=sessa, then VARIANTS=transformer: one summary with both; a rerun of a model
+    replaces its old runs; the partial calls' plots are kept apart."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    full = _summary()
+    for i, variant in enumerate(["sessa", "transformer", "sessa"]):
+        src = tmp_path / f"call{i}"
+        src.mkdir()
+        part = {**full, "variants": [variant], "all_variants": full["variants"],
+                "runs": [dict(r, metrics={"token_acc": r["metrics"]["token_acc"] + i})
+                         for r in full["runs"] if r["variant"] == variant]}
+        (src / "summary.json").write_text(json.dumps(part))
+        (src / "accuracy_vs_length.png").write_bytes(b"png")
+        pub.publish("symbolsoup600", src, root)
+    merged = json.loads((root / "results" / "symbolsoup600" / "summary.json").read_text())
+    assert merged["variants"] == ["sessa", "transformer"]
+    sessa = [r["metrics"]["token_acc"] for r in merged["runs"] if r["variant"] == "sessa"]
+    assert sessa == pytest.approx([2.5, 2.6, 2.7])                 # the third call's
+    assert len([r for r in merged["runs"] if r["variant"] == "transformer"]) == 3
+    assert merged["aggregate"]["transformer"]["token_acc"]["mean"] == pytest.approx(1.4)
+    assert set(merged["plots"]) == {"results/symbolsoup600/sessa-accuracy_vs_length.png",
+                                    "results/symbolsoup600/transformer-accuracy_vs_length.png"}

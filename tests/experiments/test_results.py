@@ -1,0 +1,69 @@
+"""Statistics over seeds and the RESULTS.md section written from a summary."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sessa_pt.experiments import results as res
+
+
+def test_mean_std_and_t_interval() -> None:
+    s = res.mean_std_ci([0.5, 0.6, 0.7])
+    assert s["n"] == 3 and s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1)
+    half = 4.303 * 0.1 / math.sqrt(3)                     # t_{0.975, 2}
+    assert (s["ci95_lo"], s["ci95_hi"]) == (pytest.approx(0.6 - half), pytest.approx(0.6 + half))
+    one = res.mean_std_ci([0.4])
+    assert one["mean"] == 0.4 and one["std"] is None and one["ci95_lo"] is None
+    assert res.mean_std_ci([])["n"] == 0
+    assert res.t_quantile_975(1) == 12.706 and res.t_quantile_975(100) == 1.960
+    with pytest.raises(ValueError, match="at least 2"):
+        res.t_quantile_975(0)
+
+
+def _summary() -> dict:
+    runs = []
+    for variant, accs in {"sessa": [0.50, 0.60, 0.70], "transformer": [0.40, 0.40, 0.40]}.items():
+        for seed, acc in zip((1, 2, 3), accs, strict=True):
+            runs.append({"variant": variant, "seed": seed, "lr": 1e-3, "train_seconds": 90.0,
+                         "step": 100, "params_non_embedding": 2_400_000,
+                         "metrics": {"token_acc": acc},
+                         "bins": [{"lo": 64.0, "hi": 128.0, "acc": acc},
+                                  {"lo": 128.0, "hi": 512.0, "acc": acc / 2}],
+                         "memory_tail": [{"layer": "0", "mixer": variant, "beta": 0.25 + seed}]})
+    return {"title": "T", "description": "D", "started": "now", "environment": "CPU",
+            "git_commit": "abc", "variants": ["sessa", "transformer", "mamba2"],
+            "labels": {"sessa": "Sessa", "transformer": "Transformer", "mamba2": "Mamba2"},
+            "paper": {"sessa": {"token_acc": 0.154}}, "metrics": ["token_acc"],
+            "breakdown": "lag", "budget": "B", "test_split": "test", "runs": runs,
+            "commands": ["cmd one"],
+            "sweep": {"select_metric": "token_acc", "select_mode": "max", "budget": "b",
+                      "seed": 0, "lrs": [3e-4, 1e-3, 3e-3],
+                      "table": {"sessa": {"0.0003": 0.1, "0.001": 0.3, "0.003": None}},
+                      "chosen": {"sessa": 1e-3}}}
+
+
+def test_results_markdown_tables() -> None:
+    text = res.results_markdown(_summary())
+    half = 4.303 * 0.1 / math.sqrt(3)
+    sessa = next(ln for ln in text.splitlines() if ln.startswith("| Sessa | 2.40M |"))
+    assert "| 0.6000 ± 0.1000 |" in sessa
+    assert f"[{0.6 - half:.4f}, {0.6 + half:.4f}]" in sessa and "| 0.154 |" in sessa
+    assert "s1, s2, s3" in sessa and "1.5, 1.5, 1.5 min" in sessa
+    trans = next(ln for ln in text.splitlines() if ln.startswith("| Transformer | 2.40M |"))
+    assert "| 0.4000 ± 0.0000 |" in trans and trans.count("| - |") == 1   # no paper number
+    assert "Mamba2 |" not in text.split("Final runs")[1].split("Per seed")[0]   # no runs
+    assert "| Sessa | 0.1000 | 0.3000 | failed | 0.001 |" in text             # sweep table
+    assert "| model | 64-128 | 128-512 |" in text
+    assert "| Sessa | 0.600 | 0.300 |" in text                                # bins
+    assert "- Sessa: 0: 1.25" in text                                         # seed-1 beta
+    assert "cmd one" in text
+
+
+def test_aggregate_skips_failed_runs() -> None:
+    s = _summary()
+    s["runs"][0]["metrics"] = {}
+    agg = res.aggregate(s["runs"], ["token_acc"])
+    assert agg["sessa"]["token_acc"]["n"] == 2
+    assert agg["sessa"]["token_acc"]["mean"] == pytest.approx(0.65)

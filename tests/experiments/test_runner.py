@@ -1,0 +1,67 @@
+"""The experiment runner with real (plain Python, no torch) subprocesses: slots run side by side,
+results come back in order with exit codes and wall times, the STOP file is written at the time
+budget and a job that ignores it is terminated."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+from sessa_pt.experiments.runner import Job, Runner, gpu_slots
+
+PY = sys.executable
+
+
+def _job(code: str, log: pathlib.Path, stop: pathlib.Path | None = None) -> Job:
+    return Job([PY, "-c", code], log=log, stop_file=stop, name=log.stem)
+
+
+def test_slots_are_round_robin_over_gpus() -> None:
+    assert gpu_slots("0,1", 2) == [{"CUDA_VISIBLE_DEVICES": g} for g in ("0", "1", "0", "1")]
+    assert gpu_slots(" ", 3) is None
+
+
+def test_jobs_run_side_by_side_in_their_slots(tmp_path: pathlib.Path) -> None:
+    runner = Runner(slots=gpu_slots("7", 3), poll_s=0.05)
+    code = "import os, sys, time; time.sleep(1.0); print(os.environ['CUDA_VISIBLE_DEVICES']); " \
+           "sys.exit({})"
+    jobs = [_job(code.format(i), tmp_path / f"j{i}.log") for i in range(3)]
+    t0 = time.time()
+    res = runner.run_all(jobs)
+    wall = time.time() - t0
+    assert [r.code for r in res] == [0, 1, 2]            # in the order given
+    assert all(r.seconds >= 1.0 for r in res)
+    assert wall < 2.5, f"three 1-s jobs in three slots took {wall:.1f} s: not concurrent"
+    assert all((tmp_path / f"j{i}.log").read_text().strip() == "7" for i in range(3))
+    assert all(c.startswith("CUDA_VISIBLE_DEVICES=7 ") for c in runner.commands)
+
+
+def test_more_jobs_than_slots_queue(tmp_path: pathlib.Path) -> None:
+    runner = Runner(slots=gpu_slots("0", 2), poll_s=0.05)
+    jobs = [_job("import time; time.sleep(0.6)", tmp_path / f"q{i}.log") for i in range(4)]
+    t0 = time.time()
+    assert [r.code for r in runner.run_all(jobs)] == [0] * 4
+    assert time.time() - t0 >= 1.2                       # two rounds of two
+
+
+def test_time_budget_writes_stop_then_terminates(tmp_path: pathlib.Path) -> None:
+    stop_ok, stop_stuck = tmp_path / "ok" / "STOP", tmp_path / "stuck" / "STOP"
+    honours = (f"import pathlib, time\nwhile not pathlib.Path({str(stop_ok)!r}).exists(): "
+               "time.sleep(0.05)\n")
+    ignores = "import time; time.sleep(60)"
+    runner = Runner(slots=gpu_slots("0", 2), kill_after_s=0.5, poll_s=0.05)
+    ok, stuck = runner.run_all([_job(honours, tmp_path / "ok.log", stop_ok),
+                                _job(ignores, tmp_path / "stuck.log", stop_stuck)],
+                               max_minutes=0.5 / 60)
+    assert ok.code == 0 and ok.stopped and not ok.killed
+    assert stop_stuck.exists() and stuck.stopped and stuck.killed and stuck.code != 0
+    assert stuck.seconds < 10
+
+
+def test_dry_run_records_and_runs_nothing(tmp_path: pathlib.Path) -> None:
+    marker = tmp_path / "ran"
+    runner = Runner(dry_run=True)
+    res = runner.run_all([Job([PY, "-c", f"open({str(marker)!r}, 'w')"])])
+    assert res[0].code == 0 and not marker.exists()
+    assert runner.run(["echo", "x y"]) == 0 and runner.commands[-1] == "echo 'x y'"

@@ -1,0 +1,56 @@
+"""End to end on CPU (slow: real training processes): the GPU call script with ``--smoke``
+(no wheel install), the sweep then the seeds phase reading the sweep's choice, through the
+publish step into results/ and RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from sessa_pt.experiments import publish as pub
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "sessa_pt" / "experiments" / "gpu_call.sh"
+
+
+def _call(tmp: pathlib.Path, out: str, *args: str) -> pathlib.Path:
+    env = {**os.environ, "WHEELS": "0", "PYTHON": sys.executable, "OUT": str(tmp / out),
+           "WORK": str(tmp / "work"), "VARIANTS": "sessa_nofb", "TRAIN_MINUTES": "5"}
+    (tmp / out).mkdir()
+    proc = subprocess.run(["bash", str(SCRIPT), "lm", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp / out
+
+
+@pytest.mark.slow
+def test_lm_gpu_call_sweep_then_seeds_on_cpu(tmp_path: pathlib.Path) -> None:
+    sweep = _call(tmp_path, "sweep", "sweep", "--smoke", "--lrs", "1e-3,3e-3")
+    assert {p.name for p in sweep.iterdir()} == {"choice.json", "runs.tar.gz", "call.txt"}
+    choice = json.loads((sweep / "choice.json").read_text())
+    assert set(choice["chosen"]) == {"sessa_nofb"} and choice["split"] == "valid"
+    seeds = _call(tmp_path, "seeds", "seeds", "--smoke", "--seeds", "1,2", "--choice",
+                  str(sweep / "choice.json"))
+    files = {p.name for p in seeds.iterdir()}
+    assert {"summary.json", "RESULTS.md", "runs.tar.gz", "call.txt"} <= files
+    assert len(files) <= 8
+    summary = json.loads((seeds / "summary.json").read_text())
+    runs = summary["runs"]
+    assert [r["seed"] for r in runs] == [1, 2]
+    assert all(r["lr"] == choice["chosen"]["sessa_nofb"] for r in runs)
+    assert all(set(r["metrics"]) == {"ppl", "top1", "top5", "loss"} for r in runs)
+    assert all(r["train_seconds"] > 0 and "sessa_pt.train" in r["command"] for r in runs)
+    assert all(r["memory_tail"] for r in runs)
+    # The seeds' evaluation is on the held-out source.
+    assert all("heldout/valid/manifest.json" in c for c in summary["commands"]
+               if "eval.cli ppl" in c)
+    root = tmp_path / "repo"
+    root.mkdir()
+    dest = pub.publish("lm_table2", seeds, root)
+    assert (dest / "summary.json").is_file()
+    assert "Sessa without feedback" in (root / "RESULTS.md").read_text()
