@@ -68,8 +68,11 @@ def text_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path
 
 def write_checkpoint(run_dir: pathlib.Path, family: str, text: dict, step: int = 7,
                      extra: list[str] | None = None) -> DecoderLM:
-    """A checkpoint in the trainer's format (model.pt + config.yaml + COMPLETE) of a random-init
-    model of ``family`` (a recipes/tiny recipe), with non-trivial Sessa gains and Mamba2 params."""
+    """A model-only checkpoint in the trainer's format (safetensors model files, config.yaml,
+    manifest, COMPLETE) of a random-init model of ``family`` (a recipes/tiny recipe), with every
+    parameter moved off its init (non-trivial Sessa gains and Mamba2 params)."""
+    from sessa_pt.train.checkpoint import write_model_checkpoint
+
     overrides = [*FAMILIES[family], *(extra or []), "model.vocab_size=512",
                  f"data.train={text['train']}", f"data.valid={text['valid']}", "data.seq_len=64",
                  f"run.dir={run_dir}"]
@@ -79,12 +82,8 @@ def write_checkpoint(run_dir: pathlib.Path, family: str, text: dict, step: int =
         g = torch.Generator().manual_seed(step)
         for p in model.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-    d = run_dir / "checkpoints" / f"step_{step:08d}"
-    d.mkdir(parents=True)
-    torch.save(model.state_dict(), d / "model.pt")
-    (d / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (d / "trainer_state.json").write_text(json.dumps({"step": step}))
-    (d / "COMPLETE").write_text(f"step {step}\n")
+    write_model_checkpoint(run_dir / "checkpoints" / f"step_{step:08d}", model.state_dict(),
+                           yaml.safe_dump(to_dict(cfg), sort_keys=False), {"step": step})
     return model.eval()
 
 

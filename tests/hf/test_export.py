@@ -169,7 +169,7 @@ def test_triton_trained_export_runs_the_chunked_solve_on_cpu(text_run, tmp_path)
     from tests.hf.conftest import write_checkpoint
 
     ours = write_checkpoint(tmp_path / "run", "sessa", text_run,
-                            extra=["model.sessa.impl=triton"])
+                            extra=["model.sessa.impl=triton", "model.sessa.chunk_size=16"])
     out = export(tmp_path / "run", tmp_path / "exp")
     assert json.loads((out / "config.json").read_text())["sessa_model"]["sessa"]["impl"] \
         == "triton"                    # as trained; the model picks its solve per device
