@@ -532,8 +532,10 @@ class Trainer:
                 if (c.checkpoint.every and self.step % c.checkpoint.every == 0) and not last:
                     self.save()
             if state == "stopped":
-                self.log(f"stop requested ({self.stop.reason or 'STOP file'}): saving a "
-                         f"checkpoint at step {self.step}")
+                if self.stop.reason:          # the rank(s) that got the request say why
+                    print(f"[sessa_pt] rank {self.rank}: stop requested ({self.stop.reason})",
+                          flush=True)
+                self.log(f"stopping: saving a checkpoint at step {self.step}, then exiting")
             path = self.save() or ckpt.latest_checkpoint(self.ckpt_root)
         finally:
             stacks.close()
