@@ -10,8 +10,10 @@ dumps, and timed start-up phases.
   collective's own timeout fires, which can kill the process). ``kill -USR2 <pid>`` writes the
   same file on demand.
 - NCCL's flight recorder (the last collectives of every group, dumped on a timeout) is on: we
-  set ``TORCH_NCCL_TRACE_BUFFER_SIZE=2000``, ``TORCH_NCCL_DUMP_ON_TIMEOUT=1`` and
-  ``TORCH_NCCL_DEBUG_INFO_TEMP_FILE=<run.dir>/nccl_trace_rank_`` unless they are set already.
+  set ``TORCH_FR_BUFFER_SIZE=2000``, ``TORCH_NCCL_DUMP_ON_TIMEOUT=1`` and
+  ``TORCH_FR_DUMP_TEMP_FILE=<run.dir>/nccl_trace_rank_`` unless they (or their older names
+  ``TORCH_NCCL_TRACE_BUFFER_SIZE`` / ``TORCH_NCCL_DEBUG_INFO_TEMP_FILE``, which torch 2.13 still
+  reads but warns about) are set already.
   Read a dump with ``python -m torch.distributed.flight_recorder.fr_trace``.
 """
 
@@ -25,15 +27,15 @@ import pathlib
 import signal
 import time
 
-import torch.distributed as dist
-
 
 def enable_flight_recorder(run_dir: str | pathlib.Path) -> None:
     """Before init_process_group: NCCL reads these when it creates a communicator."""
-    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    if "TORCH_NCCL_TRACE_BUFFER_SIZE" not in os.environ:
+        os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+    if "TORCH_NCCL_DEBUG_INFO_TEMP_FILE" not in os.environ:
+        os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE",
+                              str(pathlib.Path(run_dir).resolve() / "nccl_trace_rank_"))
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-    os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
-                          str(pathlib.Path(run_dir).resolve() / "nccl_trace_rank_"))
 
 
 def set_all_group_timeouts(seconds: float) -> int:
@@ -93,8 +95,3 @@ class PhaseTimer:
 
     def summary(self) -> str:
         return "start-up: " + ", ".join(f"{n} {s:.1f}s" for n, s in self.phases)
-
-
-def barrier_if_initialized() -> None:
-    if dist.is_initialized():
-        dist.barrier()

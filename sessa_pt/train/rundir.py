@@ -70,7 +70,8 @@ class RunDir:
         self.path = pathlib.Path(path)
         self.rank = rank
         self.lock_path = self.path / LOCK
-        self.owns_lock = False
+        self.owns_lock = False        # rank 0 took the lock
+        self.ours = False             # every rank: this run holds the lock
 
     # ---- ownership -----------------------------------------------------------------------
     def lock_owner(self) -> dict | None:
@@ -81,7 +82,7 @@ class RunDir:
         except (OSError, ValueError):
             return {"host": "?", "pid": -1, "started": "?"}
 
-    def _live_owner(self) -> dict | None:
+    def live_owner(self) -> dict | None:
         """The lock's owner if it is a live process (or one on another host we cannot check)."""
         owner = self.lock_owner()
         if owner is None:
@@ -109,7 +110,7 @@ class RunDir:
             try:
                 fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._live_owner()
+                owner = self.live_owner()
                 if owner is not None:
                     self._refuse_live(owner)
                 stale = self.lock_owner()
@@ -137,7 +138,7 @@ class RunDir:
         Returns messages for the log."""
         notes = []
         if self.path.exists():
-            owner = self._live_owner()
+            owner = self.live_owner()
             if owner is not None:
                 self._refuse_live(owner)
             if not resume and has_checkpoints:

@@ -28,10 +28,6 @@ import urllib.request
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# The background thread retries on its own; keep each mlflow request short so a dead server
-# does not hold a call for minutes.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 class TrackingUnreachable(RuntimeError):
@@ -88,6 +84,10 @@ class Tracker:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         if active:
+            # The background thread retries on its own; keep each mlflow request short so a
+            # dead server does not hold a call (and the end of the run) for minutes.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
             probe(uri, probe_timeout_s)
 
     def start(self, run_name: str, run_id: str | None = None) -> str | None:
@@ -97,15 +97,23 @@ class Tracker:
         from mlflow import MlflowClient
 
         self._client = MlflowClient(self.uri)
-        if run_id:
-            self._client.update_run(run_id, status="RUNNING")
-        else:
-            exp = self._client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(
-                self.experiment)
-            run_id = self._client.create_run(exp_id, run_name=run_name).info.run_id
+        for attempt in range(3):     # a server that just started can be slow to answer
+            try:
+                if run_id:
+                    self._client.update_run(run_id, status="RUNNING")
+                else:
+                    exp = self._client.get_experiment_by_name(self.experiment)
+                    exp_id = exp.experiment_id if exp else self._client.create_experiment(
+                        self.experiment)
+                    run_id = self._client.create_run(exp_id, run_name=run_name).info.run_id
+                self._existing_params = set(self._client.get_run(run_id).data.params)
+                break
+            except Exception as err:  # mlflow raises several types
+                if attempt == 2:
+                    raise TrackingUnreachable(f"the mlflow tracking server {self.uri} did not "
+                                              f"create the run: {err}") from err
+                time.sleep(2.0)
         self.run_id = run_id
-        self._existing_params = set(self._client.get_run(run_id).data.params)
         self._thread = threading.Thread(target=self._serve, name="sessa-mlflow", daemon=True)
         self._thread.start()
         return run_id

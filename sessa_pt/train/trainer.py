@@ -179,6 +179,7 @@ class Trainer:
         if self.rank != 0:
             self.tracker = Tracker(False, resolve_uri(c.tracking.uri, c.run.dir),
                                    c.tracking.experiment)
+        self.rundir.ours = True       # this run holds the lock: failures may be written here
         for note in notes:
             self.log(f"warning: {note}")
         return changes
@@ -559,11 +560,13 @@ class Trainer:
 
     def _after_step(self, loss: float, dt: float, tokens_per_step: int, peak: float) -> None:
         c = self.cfg
-        gnorm = self.engine.get_global_grad_norm()
-        if gnorm is None:
-            gnorm = getattr(self, "_own_grad_norm", None)
-        gnorm = float(gnorm) if gnorm is not None else float("nan")
-        bad = self._step_nonfinite(loss, gnorm if gnorm is not None else 0.0)
+        raw = self.engine.get_global_grad_norm()
+        if raw is None:
+            raw = getattr(self, "_own_grad_norm", None)
+        # Unknown on some layouts (pp > 1 without clipping): logged as null, and not a reason
+        # to call the step non-finite (GuardedAdamW still checks the gradients themselves).
+        gnorm = float(raw) if raw is not None else float("nan")
+        bad = self._step_nonfinite(loss, gnorm if raw is not None else 0.0)
         self.nonfinite.update(self.step, bad)
         lr = self.engine.get_lr()[0]
         tps = tokens_per_step / dt
@@ -669,8 +672,8 @@ def report_failure(cfg: Config, trainer: Trainer | None, err: BaseException) -> 
     print(text, file=sys.stderr, flush=True)
     fields = trainer.status_fields() if trainer is not None else {}
     rundir = trainer.rundir if trainer is not None else RunDir(cfg.run.dir, rank)
-    # A refused run dir belongs to someone else: leave its files alone.
-    if not isinstance(err, RunDirError) or rundir.owns_lock:
+    # A run dir held by another live run is not ours to mark failed.
+    if rundir.ours or rundir.live_owner() is None:
         first = rundir.record_error(rank, err, step, fields)
         if rank == 0 and trainer is not None:
             try:

@@ -15,8 +15,8 @@ import pytest
 from sessa_pt.config import load_config, to_dict
 from sessa_pt.train.nonfinite import NonFinitePolicy, SpikeDetector
 from sessa_pt.train.rundir import RunDir, RunDirError, strict_json
-from sessa_pt.train.trainer import config_changes
 from sessa_pt.train.tracking import TrackingUnreachable, probe
+from sessa_pt.train.trainer import config_changes
 
 
 def _lock(path, pid, host=None):
@@ -30,7 +30,7 @@ def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     with pytest.raises(RunDirError, match=f"pid {os.getppid()} on host"):
         RunDir(tmp_path / "a", 0).prepare(resume=True, overwrite=False, has_checkpoints=False)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+                          capture_output=True, text=True, check=True).stdout.strip()
     _lock(tmp_path / "b", int(dead))
     rd = RunDir(tmp_path / "b", 0)
     notes = rd.prepare(resume=True, overwrite=False, has_checkpoints=False)
