@@ -106,7 +106,7 @@ def _find_guarded(engine) -> GuardedAdamW | None:
 
 class Trainer:
     def __init__(self, cfg: Config, stop: StopRequest | None = None,
-                 timer: PhaseTimer | None = None) -> None:
+                 timer: PhaseTimer | None = None, rundir: RunDir | None = None) -> None:
         self.cfg = cfg
         self.cuda = torch.cuda.is_available()
         self.world = dist.get_world_size()
@@ -122,7 +122,7 @@ class Trainer:
         self.precision = resolve_precision(cfg, self.cuda)
         self.run_dir = pathlib.Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        self.rundir = RunDir(self.run_dir, self.rank)
+        self.rundir = rundir or RunDir(self.run_dir, self.rank)
         with self.timer.phase("run dir + tracking probe"):
             self.resume_changes = self._prepare()
         self.stop = stop or StopRequest(self.run_dir / "STOP")
@@ -645,16 +645,18 @@ def main(recipe: str | None, overrides: list[str], imports_s: float = 0.0) -> in
     with timer.phase("rendezvous"):
         init_distributed(timeout_minutes=cfg.run.startup_timeout_s / 60)
     trainer = None
+    # Made here so that a failure while the Trainer is built still knows the run dir is ours.
+    rundir = RunDir(cfg.run.dir, dist.get_rank())
     try:
-        trainer = Trainer(cfg, stop, timer)
+        trainer = Trainer(cfg, stop, timer, rundir)
         code = trainer.run()
     except BaseException as err:  # noqa: BLE001 (every failure is reported, then exits)
-        return report_failure(cfg, trainer, err)
+        return report_failure(trainer, rundir, err)
     dist.barrier()
     return code
 
 
-def report_failure(cfg: Config, trainer: Trainer | None, err: BaseException) -> int:
+def report_failure(trainer: Trainer | None, rundir: RunDir, err: BaseException) -> int:
     """Every failing rank prints its error to its own stderr (torchrun may kill rank 0 before
     it could speak for the others); the first to fail also writes ``<run.dir>/error.txt`` and
     marks status.json failed. Returns the exit status."""
@@ -671,7 +673,6 @@ def report_failure(cfg: Config, trainer: Trainer | None, err: BaseException) -> 
         text = f"sessa_pt: rank {rank} failed{where}: {one_line(err)}\n{tb}"
     print(text, file=sys.stderr, flush=True)
     fields = trainer.status_fields() if trainer is not None else {}
-    rundir = trainer.rundir if trainer is not None else RunDir(cfg.run.dir, rank)
     # A run dir held by another live run is not ours to mark failed.
     if rundir.ours or rundir.live_owner() is None:
         first = rundir.record_error(rank, err, step, fields)

@@ -99,3 +99,21 @@ def test_probe_fails_fast_on_a_port_with_no_listener():
         probe(f"http://127.0.0.1:{port}", 2.0)
     assert time.monotonic() - t0 < 5
     probe("sqlite:///nowhere.db", 2.0)       # local stores are not probed
+
+
+def test_a_failure_while_the_trainer_is_built_is_recorded_and_frees_the_lock(tmp_path, capsys):
+    from sessa_pt.train.trainer import report_failure
+
+    rd = RunDir(tmp_path / "run", 0)
+    rd.prepare(resume=True, overwrite=False, has_checkpoints=False)
+    rd.ours = True                       # what Trainer._prepare sets on success
+    assert report_failure(None, rd, RuntimeError("engine init blew up")) == 1
+    assert "rank 0 failed: RuntimeError: engine init blew up" in capsys.readouterr().err
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and "engine init" in status["error"]
+    assert not (tmp_path / "run" / "LOCK").exists()
+    # Someone else's live run dir is left alone.
+    _lock(tmp_path / "other", os.getppid())
+    other = RunDir(tmp_path / "other", 0)
+    assert report_failure(None, other, ValueError("bad config")) == 2
+    assert not (tmp_path / "other" / "status.json").exists()
