@@ -73,6 +73,14 @@ class TrainConfig:
     loss_chunk_tokens: int = 0   # > 0: LM head + loss over this many tokens at a time
                                  # (never all fp32 logits at once; tp=1, pp=1 only)
     log_every: int = 1
+    nonfinite: str = "abort"     # a step whose loss or grad norm is NaN/inf on any rank is
+                                 # never applied (the optimizer skips it) and never saved;
+                                 # abort: the run fails after nonfinite_max_consecutive such
+                                 # steps in a row | skip: count them and train on
+    nonfinite_max_consecutive: int = 3   # abort after this many consecutive non-finite steps
+    spike_factor: float = 4.0    # log a loss spike (step + sample ids) when the loss exceeds
+                                 # this multiple of its running mean (0 = off)
+    spike_window: int = 50       # steps in the spike detector's running mean
 
 
 @dataclass
@@ -90,6 +98,12 @@ class TrackingConfig:
     uri: str = ""                # "" = MLFLOW_TRACKING_URI, else a local store in run.dir
     experiment: str = "sessa_pt"
     run_name: str = ""           # "" = the recipe name
+    probe_timeout_s: float = 5.0  # an http(s) URI must answer within this at start-up, else the
+                                  # run fails before any model is built
+    flush_timeout_s: float = 60.0  # at the end, wait this long for queued metrics to reach an
+                                   # unreachable server (they stay in train_log.jsonl anyway)
+    system_metrics: bool = True  # mlflow system metrics (CPU, memory, GPU) while training
+    system_metrics_interval_s: float = 10.0  # their sampling interval
 
 
 @dataclass
@@ -104,6 +118,16 @@ class RunConfig:
     seed: int = 1234             # model init and data order
     name: str = ""               # recipe name (filled from the recipe file)
     peak_tflops: float = 0.0     # accelerator peak for MFU (0 = look up by device name)
+    overwrite: bool = False      # with checkpoint.resume=false on a run.dir that holds
+                                 # checkpoints: move the old dir aside (<dir>.old-<time>) and
+                                 # start over; never deletes anything
+    startup_timeout_s: float = 1800.0  # process-group timeout while starting up (rendezvous,
+                                       # model build, engine init, data, resume)
+    step_timeout_s: float = 600.0  # process-group timeout once training runs; a step that takes
+                                   # longer dumps every rank's Python stacks to
+                                   # <run.dir>/stacks_rank<r>.txt
+    orphan_exit_s: float = 300.0  # a worker whose launcher died stops at the next step
+                                  # boundary; if it is not done after this long it exits anyway
 
 
 @dataclass
@@ -336,6 +360,17 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
         e.append(f"train.precision={t.precision!r}: choose auto, bf16 or fp32")
     if t.steps <= 0:
         e.append("train.steps must be positive")
+    if t.nonfinite not in ("abort", "skip"):
+        e.append(f"train.nonfinite={t.nonfinite!r}: choose abort or skip")
+    if t.nonfinite_max_consecutive < 1:
+        e.append("train.nonfinite_max_consecutive must be >= 1")
+    if t.spike_factor < 0 or (t.spike_factor and t.spike_factor <= 1):
+        e.append(f"train.spike_factor={t.spike_factor}: use a factor > 1 (0 = off)")
+    if t.spike_window < 2:
+        e.append("train.spike_window must be >= 2")
+    r = cfg.run
+    if r.startup_timeout_s <= 0 or r.step_timeout_s <= 0 or r.orphan_exit_s <= 0:
+        e.append("run.startup_timeout_s, run.step_timeout_s and run.orphan_exit_s must be > 0")
     o = cfg.optim
     if o.schedule not in ("cosine", "wsd", "constant"):
         e.append(f"optim.schedule={o.schedule!r}: choose cosine, wsd or constant")

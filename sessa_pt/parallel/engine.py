@@ -78,11 +78,12 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def build_engine(model: nn.Module, cfg: Config, dp: int, cuda: bool, mpu=None):
+def build_engine(model: nn.Module, cfg: Config, dp: int, cuda: bool, mpu=None,
+                 optimizer_class: type[torch.optim.AdamW] = torch.optim.AdamW):
     import deepspeed
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,
+    optimizer = optimizer_class(param_groups(model, o.weight_decay), lr=o.lr,
                                   betas=(o.beta1, o.beta2), eps=o.eps,
                                   fused=True if o.fused else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

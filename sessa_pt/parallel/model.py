@@ -147,8 +147,13 @@ def build_pipeline(cfg: ModelConfig, seed: int, layout: ParallelLayout, topology
                                     forward_fn=_tied_logits, tied_weight_attr="m.weight"))
 
     def pipe_loss(logits: Tensor, target) -> Tensor:
-        labels, loss_mask = target
-        return loss_fn(logits, labels, loss_mask)
+        # (labels, loss_mask) in training: the mean loss of the micro-batch. Validation adds
+        # the micro-batch's target-token count, which turns the mean into a sum, so that the
+        # trainer can divide the pipeline's total by the number of target tokens (an
+        # all-padding micro-batch then adds nothing instead of a 0 that counts in a mean).
+        labels, loss_mask = target[0], target[1]
+        loss = loss_fn(logits, labels, loss_mask)
+        return loss * target[2] if len(target) > 2 else loss
 
     return PipelineModule(layers=layers, loss_fn=pipe_loss, topology=topology,
                           partition_method="type:Stage", activation_checkpoint_interval=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,13 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
     from sessa_pt.train.trainer import main as train_main
 
-    code = train_main(args.recipe, args.overrides)
+    code = train_main(args.recipe, args.overrides, imports_s=time.perf_counter() - t0)
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown of process groups: DeepSpeed/gloo occasionally abort in
-    # destroy_process_group after a finished run (shared/research/stack.md, pitfall 9).
+    # destroy_process_group after a finished run.
     os._exit(code)
 
 

@@ -103,4 +103,5 @@ def test_resume_into_a_different_model_is_a_clear_error(lm_data, tmp_path):
     proc = _train(1, _ov(lm_data, run, **{"model.layer_mixers": "[sessa,sessa,attention,sessa]"}),
                   check=False)
     assert proc.returncode != 0
-    assert "was trained with another model (model.layer_mixers: None -> " in proc.stderr
+    # Refused before any model is built, naming the changed setting.
+    assert "cannot change on resume: model.layer_mixers" in proc.stderr

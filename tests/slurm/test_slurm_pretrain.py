@@ -103,7 +103,7 @@ def test_signalled_job_requeues_and_resumes_like_an_uninterrupted_run(
         status_file = run_dir / "status.json"
         if status_file.exists():
             status = json.loads(status_file.read_text())
-            if status.get("state") == "preempted":
+            if status.get("state") == "stopped":
                 first_id = status["mlflow_run_id"]
                 stopped_at = status["step"]
                 break
@@ -111,7 +111,7 @@ def test_signalled_job_requeues_and_resumes_like_an_uninterrupted_run(
     _, err = job.communicate(timeout=max(1.0, deadline - time.monotonic()))
     text = log.read_text()
     assert job.returncode == 0, f"{err}\n{text}"
-    assert first_id, f"the job never reported 'preempted':\n{text}"
+    assert first_id, f"the job never reported 'stopped':\n{text}"
     assert 3 <= stopped_at < STEPS, text
 
     assert "got SIGUSR1" in text and f"requeueing job {job_id}" in text, text
