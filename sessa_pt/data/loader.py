@@ -14,7 +14,7 @@ runs the same number of batches (collectives stay matched) and no sample counts 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -79,13 +79,15 @@ class TrainLoader:
 
     def __init__(self, ds: TokenShardDataset, layout: BatchLayout, seed: int, start_cursor: int,
                  num_workers: int, prefetch_factor: int, shuffle: bool,
-                 pin_memory: bool, context_weight: float = 0.0) -> None:
+                 pin_memory: bool, context_weight: float = 0.0,
+                 worker_init_fn: Callable[[int], None] | None = None) -> None:
         self.ds, self.layout, self.seed = ds, layout, seed
         self.start_cursor = start_cursor
         self.cursor = start_cursor
         self._micro = _TrainMicroBatches(ds, layout, seed, shuffle, context_weight)
         self.num_workers, self.prefetch_factor, self.pin_memory = (
             num_workers, prefetch_factor, pin_memory)
+        self.worker_init_fn = worker_init_fn
 
     @property
     def grad_accum(self) -> int:
@@ -99,7 +101,8 @@ class TrainLoader:
         first_micro = (self.cursor // self.layout.global_batch_size) * self.layout.grad_accum
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
-            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False}
+            kwargs = {"prefetch_factor": self.prefetch_factor, "persistent_workers": False,
+                      "worker_init_fn": self.worker_init_fn}
         loader = DataLoader(self._micro, batch_size=None, sampler=_CountFrom(first_micro),
                             num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs)
         for count, batch in enumerate(loader, start=1):
@@ -112,13 +115,15 @@ def build_train_loader(ds: TokenShardDataset, seed: int, global_batch_size: int,
                        micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                        start_cursor: int | DataCursor = 0, num_workers: int = 0, prefetch_factor: int = 4,
                        shuffle: bool = True, pin_memory: bool = False,
-                       context_weight: float = 0.0) -> TrainLoader:
+                       context_weight: float = 0.0,
+                       worker_init_fn: Callable[[int], None] | None = None) -> TrainLoader:
     """The infinite, resumable training loader of one data-parallel rank.
 
     ``start_cursor`` is a saved ``loader.cursor``: a multiple of ``global_batch_size``. Resuming
     with another ``dp_size`` (same G) gives every sample the same step it would have had.
     A :class:`DataCursor` is also accepted; its seed and G must match. ``context_weight``: see
-    :func:`collate_indices`.
+    :func:`collate_indices`. ``worker_init_fn`` runs in each DataLoader worker (the trainer
+    makes its workers ignore the stop signals, which are for the training process).
     """
     if ds.num_samples == 0:
         raise ValueError(f"{ds!r} has no samples to train on")
@@ -141,7 +146,7 @@ def build_train_loader(ds: TokenShardDataset, seed: int, global_batch_size: int,
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     return TrainLoader(ds, layout, seed, start_cursor, num_workers, prefetch_factor, shuffle,
-                       pin_memory, context_weight)
+                       pin_memory, context_weight, worker_init_fn=worker_init_fn)
 
 
 class EvalLoader:

@@ -45,7 +45,12 @@ from sessa_pt.train.diagnostics import (
 from sessa_pt.train.nonfinite import GuardedAdamW, NonFiniteError, NonFinitePolicy, SpikeDetector
 from sessa_pt.train.profiling import StepProfiler
 from sessa_pt.train.rundir import RunDir, RunDirError, one_line
-from sessa_pt.train.signals import ParentWatch, StopRequest, stop_signals_blocked
+from sessa_pt.train.signals import (
+    ParentWatch,
+    StopRequest,
+    ignore_stop_signals,
+    stop_signals_blocked,
+)
 from sessa_pt.train.tracking import Tracker, TrackingUnreachable, resolve_uri
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -495,6 +500,7 @@ class Trainer:
                                         dp_rank=lay.dp_rank, dp_size=lay.dp,
                                         start_cursor=self.consumed_samples(),
                                         num_workers=c.data.num_workers,
+                                        worker_init_fn=ignore_stop_signals,
                                         context_weight=c.data.context_loss_weight)
             batches = _Prefetched(iter(loader))
         self.log(self.timer.summary())
