@@ -11,7 +11,7 @@ import dataclasses
 import pathlib
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -22,8 +22,8 @@ from sessa_pt.models.config import ModelConfig
 class ParallelConfig:
     tp: int = 1                 # tensor parallel size (megatron-core layers)
     pp: int = 1                 # pipeline parallel size (DeepSpeed PipelineModule)
-    zero_stage: int = 1         # DeepSpeed ZeRO stage 0-3 (pp > 1 allows 0 and 1 only)
-    grad_accum_dtype: str = "fp32"  # gradient accumulation dtype under bf16 (fp32 | bf16)
+    zero_stage: Literal[0, 1, 2, 3] = 1  # DeepSpeed ZeRO stage (pp > 1 allows 0 and 1 only)
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient accumulation dtype under bf16
     zero3_persistence_threshold: int = 100_000  # ZeRO-3: parameters with fewer elements stay
                                 # whole on every rank (DeepSpeed's
                                 # stage3_param_persistence_threshold; memory, not results)
@@ -45,15 +45,17 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0       # 0 disables clipping
-    schedule: str = "cosine"     # cosine | wsd (warmup-stable-decay) | constant
-    warmup_steps: int = 10
+    lr: float = 3e-3             # peak learning rate (AdamW)
+    min_lr: float = 3e-4         # the learning rate at the end of the cosine / wsd decay
+    weight_decay: float = 0.1    # decoupled weight decay of matrices (none on biases, norms,
+                                 # gains and other parameters of dim < 2)
+    beta1: float = 0.9           # AdamW beta1
+    beta2: float = 0.95          # AdamW beta2
+    eps: float = 1e-8            # AdamW epsilon
+    grad_clip: float = 1.0       # clip the global gradient norm to this (0 = no clipping)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"  # after the linear warmup:
+                                 # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 10       # linear warmup from 0 to lr
     decay_fraction: float = 0.2  # wsd: fraction of steps in the final linear decay
     fused: bool = False          # torch's fused AdamW kernel (one launch per step; CUDA)
 
@@ -63,17 +65,17 @@ class TrainConfig:
     steps: int = 100             # optimizer steps
     micro_batch_size: int = 8    # sequences per rank per micro step
     global_batch_size: int = 16  # sequences per optimizer step (= micro * grad_accum * dp)
-    precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: bool = False        # torch.compile each block and the loss (GPU throughput);
                                  # the loss only at tp=1, pp=1
-    activation_checkpointing: str = "none"  # none | blocks: keep only each block's input
+    activation_checkpointing: Literal["none", "blocks"] = "none"  # none | blocks: keep only each block's input
                                  # in the forward and recompute the block in the backward
                                  # (less activation memory for long T / large models, about
                                  # one more forward of compute; same gradients)
     loss_chunk_tokens: int = 0   # > 0: LM head + loss over this many tokens at a time
                                  # (never all fp32 logits at once; tp=1, pp=1 only)
-    log_every: int = 1
-    nonfinite: str = "abort"     # a step whose loss or grad norm is NaN/inf on any rank is
+    log_every: int = 1           # print a log line every N steps (every step is in the log file)
+    nonfinite: Literal["abort", "skip"] = "abort"  # a step whose loss or grad norm is NaN/inf on any rank is
                                  # never applied (the optimizer skips it) and never saved;
                                  # abort: the run fails after nonfinite_max_consecutive such
                                  # steps in a row | skip: count them and train on
@@ -94,9 +96,9 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True
+    enabled: bool = True         # log params, metrics and artifacts to mlflow (rank 0)
     uri: str = ""                # "" = MLFLOW_TRACKING_URI, else a local store in run.dir
-    experiment: str = "sessa_pt"
+    experiment: str = "sessa_pt"  # mlflow experiment name
     run_name: str = ""           # "" = the recipe name
     probe_timeout_s: float = 5.0  # an http(s) URI must answer within this at start-up, else the
                                   # run fails before any model is built
@@ -221,9 +223,17 @@ def _build(cls: type, data: dict, where: str) -> Any:
 def _check_type(v: Any, t: Any, key: str) -> Any:
     origin = typing.get_origin(t)
     args = typing.get_args(t)
+    if origin is Literal:     # a choice: the value must be one of them (True is not 1)
+        if any(v == a and type(v) is type(a) for a in args):
+            return v
+        raise ConfigError(f"{key}={v!r} is not a valid choice: choose one of "
+                          f"{', '.join(repr(a) for a in args)}")
     if v is None and (t is type(None) or type(None) in args):
         return None
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:            # "X | None": X's own message says what is wrong
+            return _check_type(v, real[0], key)
         for a in args:
             if a is type(None):
                 continue
@@ -282,24 +292,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 # ---- validation ------------------------------------------------------------------------------
 
-def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
-    """Every reason this config cannot run on ``world_size`` processes; empty when it can."""
+def _parallel_errors(cfg: Config) -> list[str]:
+    p, m = cfg.parallel, cfg.model
     e: list[str] = []
-    p, m, t = cfg.parallel, cfg.model, cfg.train
-    try:
-        m.validate()
-    except ValueError as err:
-        e.append(str(err))
-    if p.tp < 1 or p.pp < 1:
-        e.append("parallel.tp and parallel.pp must be >= 1")
-        return e
-    if world_size % (p.tp * p.pp):
-        e.append(f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp}; launch a "
-                 f"multiple of {p.tp * p.pp} processes or change parallel.tp/parallel.pp")
-        return e
-    dp = world_size // (p.tp * p.pp)
-    if p.zero_stage not in (0, 1, 2, 3):
-        e.append(f"parallel.zero_stage={p.zero_stage}: choose 0, 1, 2 or 3")
     if p.zero3_persistence_threshold < 0:
         e.append(f"parallel.zero3_persistence_threshold={p.zero3_persistence_threshold}: "
                  "choose 0 (partition every parameter) or more")
@@ -325,15 +320,16 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
                 e.append(f"mamba2 under parallel.tp={p.tp} splits heads and B/C groups: "
                          f"model.mamba2.n_groups={m.mamba2.n_groups} and the {heads} heads must "
                          f"be divisible by tp (e.g. model.mamba2.n_groups={p.tp})")
-    if cfg.data.context_loss_weight < 0:
-        e.append(f"data.context_loss_weight={cfg.data.context_loss_weight}: must be >= 0 (0 = "
-                 "loss on the answer tokens only)")
+    return e
+
+
+def _precision_errors(cfg: Config, cuda: bool) -> list[str]:
+    """Combinations of precision, layout and clipping that DeepSpeed gets wrong."""
+    p, e = cfg.parallel, []
     precision = resolve_precision(cfg, cuda)
     if precision == "bf16" and p.pp > 1 and p.grad_accum_dtype != "fp32":
         e.append("bf16 with parallel.pp>1 needs fp32 gradient accumulation (bf16 accumulation "
                  "over micro-batches diverges); set parallel.grad_accum_dtype=fp32")
-    if p.grad_accum_dtype not in ("fp32", "bf16"):
-        e.append(f"parallel.grad_accum_dtype={p.grad_accum_dtype!r}: choose fp32 or bf16")
     if cfg.optim.grad_clip > 0 and p.zero_stage == 0:
         if p.pp > 1 and precision == "fp32":
             e.append("fp32 + parallel.pp>1 + zero_stage=0 with gradient clipping: DeepSpeed "
@@ -343,6 +339,27 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
             e.append("bf16 + parallel.tp>1 + zero_stage=0: DeepSpeed 0.19.8's bf16 optimizer "
                      "loses the tensor-parallel flags and clips with a wrong grad norm; set "
                      "parallel.zero_stage=1")
+    return e
+
+
+def _data_errors(cfg: Config) -> list[str]:
+    e = []
+    if not cfg.data.train:
+        e.append("data.train is empty: point it at a train manifest.json written by "
+                 "`sessa-data tokenize` (e.g. data.train=data/shards/train/manifest.json)")
+    if cfg.data.context_loss_weight < 0:
+        e.append(f"data.context_loss_weight={cfg.data.context_loss_weight}: must be >= 0 (0 = "
+                 "loss on the answer tokens only)")
+    return e
+
+
+def _optim_errors(cfg: Config) -> list[str]:
+    return [] if 0 <= cfg.optim.decay_fraction <= 1 else \
+        ["optim.decay_fraction must lie in [0, 1]"]
+
+
+def _train_errors(cfg: Config, dp: int) -> list[str]:
+    t, p, e = cfg.train, cfg.parallel, []
     if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
         e.append("train.micro_batch_size and train.global_batch_size must be positive")
     elif t.global_batch_size % (t.micro_batch_size * dp):
@@ -353,35 +370,50 @@ def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
     elif t.loss_chunk_tokens and (p.tp > 1 or p.pp > 1):
         e.append("train.loss_chunk_tokens applies to tp=1, pp=1 runs (TP uses the vocab-"
                  "parallel cross entropy, PP computes the loss in its last stage); set it to 0")
-    if t.activation_checkpointing not in ("none", "blocks"):
-        e.append(f"train.activation_checkpointing={t.activation_checkpointing!r}: choose none "
-                 "or blocks")
-    if t.precision not in ("auto", "bf16", "fp32"):
-        e.append(f"train.precision={t.precision!r}: choose auto, bf16 or fp32")
     if t.steps <= 0:
         e.append("train.steps must be positive")
-    if t.nonfinite not in ("abort", "skip"):
-        e.append(f"train.nonfinite={t.nonfinite!r}: choose abort or skip")
     if t.nonfinite_max_consecutive < 1:
         e.append("train.nonfinite_max_consecutive must be >= 1")
     if t.spike_factor < 0 or (t.spike_factor and t.spike_factor <= 1):
         e.append(f"train.spike_factor={t.spike_factor}: use a factor > 1 (0 = off)")
     if t.spike_window < 2:
         e.append("train.spike_window must be >= 2")
+    return e
+
+
+def _run_errors(cfg: Config) -> list[str]:
     r = cfg.run
     if r.startup_timeout_s <= 0 or r.step_timeout_s <= 0 or r.orphan_exit_s <= 0:
-        e.append("run.startup_timeout_s, run.step_timeout_s and run.orphan_exit_s must be > 0")
-    o = cfg.optim
-    if o.schedule not in ("cosine", "wsd", "constant"):
-        e.append(f"optim.schedule={o.schedule!r}: choose cosine, wsd or constant")
-    if not 0 <= o.decay_fraction <= 1:
-        e.append("optim.decay_fraction must lie in [0, 1]")
-    if not cfg.data.train:
-        e.append("data.train is empty: point it at a train manifest.json written by "
-                 "`sessa-data tokenize` (e.g. data.train=data/shards/train/manifest.json)")
+        return ["run.startup_timeout_s, run.step_timeout_s and run.orphan_exit_s must be > 0"]
+    return []
+
+
+def _device_errors(cfg: Config, cuda: bool) -> list[str]:
+    m = cfg.model
     if m.sessa.impl == "triton" and not cuda and "sessa" in m.mixers():
-        e.append("model.sessa.impl=triton needs a GPU; use model.sessa.impl=chunked on CPU")
-    return e
+        return ["model.sessa.impl=triton needs a GPU; use model.sessa.impl=chunked on CPU"]
+    return []
+
+
+def validate(cfg: Config, world_size: int, cuda: bool) -> list[str]:
+    """Every reason this config cannot run on ``world_size`` processes; empty when it can.
+    (Choices and types were checked when the config was loaded.)"""
+    e: list[str] = []
+    try:
+        cfg.model.validate()
+    except ValueError as err:
+        e.append(str(err))
+    p = cfg.parallel
+    if p.tp < 1 or p.pp < 1:
+        return [*e, "parallel.tp and parallel.pp must be >= 1"]
+    if world_size % (p.tp * p.pp):
+        return [*e, (f"world size {world_size} is not divisible by tp*pp = {p.tp}*{p.pp}; "
+                     f"launch a multiple of {p.tp * p.pp} processes or change parallel.tp or "
+                     "parallel.pp")]
+    dp = world_size // (p.tp * p.pp)
+    return [*e, *_parallel_errors(cfg), *_precision_errors(cfg, cuda),
+            *_data_errors(cfg), *_optim_errors(cfg), *_train_errors(cfg, dp), *_run_errors(cfg),
+            *_device_errors(cfg, cuda)]
 
 
 def resolve_precision(cfg: Config, cuda: bool) -> str:

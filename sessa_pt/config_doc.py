@@ -20,25 +20,35 @@ _FIELD = re.compile(r"^\s*(\w+)\s*:")
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """{field name: its trailing comment (with continuation lines)} from the class source."""
+    """{field name: its documentation} from the class source: the comment beside the field with
+    its continuation lines (comment-only lines indented past the field), or else the comment
+    block just above it (comment-only lines at the field's own indentation)."""
     src = inspect.getsource(cls)
-    lines = src.splitlines()
-    comments: dict[int, str] = {}
+    comments: dict[int, tuple[int, str]] = {}
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
         if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
     names = {f.name for f in dataclasses.fields(cls)}
     out: dict[str, str] = {}
-    current = None
-    for i, line in enumerate(lines, start=1):
+    current, above = None, []
+    for i, line in enumerate(src.splitlines(), start=1):
+        indent = len(line) - len(line.lstrip())
         m = _FIELD.match(line)
         if m and m.group(1) in names and not line.lstrip().startswith("#"):
             current = m.group(1)
-            out[current] = comments.get(i, "")
-        elif current and line.strip().startswith("#") and i in comments:
-            out[current] = (out[current] + " " + comments[i]).strip()
+            beside = comments[i][1] if i in comments else ""
+            out[current] = beside or " ".join(above)
+            above = []
+            field_indent = indent
+        elif line.strip().startswith("#") and i in comments:
+            col, text = comments[i]
+            if current and col > field_indent:
+                out[current] = (out[current] + " " + text).strip()
+            else:
+                current = None
+                above.append(text)
         else:
-            current = None
+            current, above = None, []
     return out
 
 

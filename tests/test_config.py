@@ -31,9 +31,7 @@ def cfg(*overrides):
     (["model.sessa.impl=triton"], 1, False, "impl=chunked on CPU"),
     (["data.context_loss_weight=-0.5"], 1, False, "loss on the answer tokens only"),
     (["model.sessa.impl=triton", "model.sessa.chunk_size=48"], 1, True, "16, 32, 64 or 128"),
-    (["model.sessa.solve=flash"], 1, False, "choose panel or queue"),
     (["model.sessa.panel_mib=0"], 1, False, "panel_mib=0.0 must be positive"),
-    (["train.activation_checkpointing=layers"], 1, False, "choose none or blocks"),
     (["parallel.zero3_persistence_threshold=-1"], 1, False, "partition every parameter"),
 ])
 def test_invalid_layouts_are_rejected(overrides, world, cuda, message):
@@ -92,3 +90,57 @@ def test_trainer_cli_exits_nonzero_with_the_message(tmp_path):
                           check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "train.global_batch_size=10 must be a multiple of" in proc.stderr
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("model.sessa.solve=flash", "'panel', 'queue'"),
+    ("train.activation_checkpointing=layers", "'none', 'blocks'"),
+    ("model.mixer=mamba", "'sessa', 'attention', 'mamba2'"),
+    ("model.layer_mixers=[sessa,atention,sessa,sessa]", "'sessa', 'attention', 'mamba2'"),
+    ("parallel.zero_stage=4", "0, 1, 2, 3"),
+    ("parallel.zero_stage=true", "0, 1, 2, 3"),
+    ("optim.schedule=linear", "'cosine', 'wsd', 'constant'"),
+    ("model.mamba2.impl=cuda", "'auto', 'chunked', 'sequential', 'triton', 'fla'"),
+])
+def test_a_typo_in_a_choice_is_refused_with_the_choices(override, allowed):
+    with pytest.raises(ConfigError, match="choose one of " + allowed):
+        cfg(override)
+
+
+def test_choice_types_agree_with_the_implementations():
+    import typing
+
+    from sessa_pt.models import config as mc
+    from sessa_pt.models.feedback import FEEDBACK_IMPLS
+    from sessa_pt.models.sessa import SESSA_VARIANTS
+
+    assert typing.get_args(mc.SessaImpl) == tuple(FEEDBACK_IMPLS)
+    assert typing.get_args(mc.SessaVariant) == tuple(SESSA_VARIANTS)
+
+
+def test_config_reference_is_generated_and_complete():
+    """docs/config.md is `python -m sessa_pt.config --doc`, and every field has a meaning."""
+    import pathlib
+
+    from sessa_pt.config import Config
+    from sessa_pt.config_doc import reference
+
+    doc = reference(Config)
+    path = pathlib.Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert path.read_text() == doc, ("docs/config.md is stale: regenerate it with "
+                                     "`python -m sessa_pt.config --doc > docs/config.md`")
+    undocumented = [line.split("|")[1].strip() for line in doc.splitlines()
+                    if line.startswith("| `") and line.rstrip().endswith("|  |")]
+    assert undocumented == [], f"fields without a comment in the dataclass: {undocumented}"
+
+
+def test_config_cli_prints_the_resolved_recipe(capsys):
+    import yaml
+
+    from sessa_pt.config import main
+
+    assert main(["recipes/tiny/sessa.yaml", "train.steps=3"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["train"]["steps"] == 3 and out["model"]["d_model"] == 128
+    with pytest.raises(ConfigError, match="unknown key"):
+        main(["recipes/tiny/sessa.yaml", "train.stpes=3"])

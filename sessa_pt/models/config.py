@@ -9,22 +9,32 @@ paper's gated block (``block: gated``) or a conventional attention + SwiGLU bloc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-MIXERS = ("sessa", "attention", "mamba2")
-BLOCKS = ("gated", "transformer")
+# The choices of every enum-like field (the loader refuses anything else, naming these).
+Mixer = Literal["sessa", "attention", "mamba2"]
+Block = Literal["gated", "transformer"]
+SessaVariant = Literal["reference", "paper"]
+SessaImpl = Literal["dense", "chunked", "triton"]
+SessaSolve = Literal["panel", "queue"]
+Mamba2Impl = Literal["auto", "chunked", "sequential", "triton", "fla"]
+Mamba2Conv = Literal["conv1d", "shifts"]
+MIXERS: tuple[str, ...] = get_args(Mixer)
+BLOCKS: tuple[str, ...] = get_args(Block)
 
 
 @dataclass
 class SessaOptions:
-    variant: str = "reference"          # reference (authors' release) | paper
+    variant: SessaVariant = "reference"  # reference (authors' release) | paper
     gamma_max: float = 0.999            # reference variant only
     gamma_bias_init: float | None = None  # None: 1.0 (reference) / 0.0 (paper)
     fb_dim: int | None = None           # feedback width; None = d_model (paper variant may differ)
-    impl: str = "dense"                 # dense | chunked | triton
+    impl: SessaImpl = "dense"           # the solve: dense (T x T reference) | chunked (PyTorch,
+                                        # O(T) memory) | triton (fused kernels, GPU)
     chunk_size: int = 64                # rows solved together. dense: unused; chunked: any
                                         # positive value (same result up to rounding);
                                         # triton: 16, 32, 64 or 128 (64 is the measured one)
-    solve: str = "panel"                # triton only: panel (scores once per super-chunk
+    solve: SessaSolve = "panel"         # triton only: panel (scores once per super-chunk
                                         # into a scratch of <= panel_mib; the faster) | queue
                                         # (scores recomputed per channel block, no scratch)
     panel_mib: float = 256.0            # triton solve=panel: scratch budget in MiB; sets the
@@ -52,37 +62,39 @@ class SessaOptions:
 
 @dataclass
 class Mamba2Options:
-    d_state: int = 64
-    d_conv: int = 4
-    expand: int = 2
-    head_dim: int = 64
-    n_groups: int = 1
-    chunk_size: int = 64
+    d_state: int = 64                   # SSM state size N per head
+    d_conv: int = 4                     # causal depthwise conv width
+    expand: int = 2                     # inner width = expand * d_model
+    head_dim: int = 64                  # channels per SSM head (inner width / head_dim heads)
+    n_groups: int = 1                   # B/C groups shared by the heads (TP splits them)
+    chunk_size: int = 64                # SSD chunk length (chunked / triton)
     # SSD path of the parallel forward: auto (CUDA: fla where triton >= 3.7.1 and fla is
     # installed, else our Triton kernels; CPU: chunked) | chunked (PyTorch SSD, the reference)
     # | sequential (reference scan) | triton (our Triton SSD, CUDA; chunk_size a power of two in
     # 16..256) | fla (flash-linear-attention's chunk_simple_gla, CUDA). The run's log says which.
-    impl: str = "auto"
+    impl: Mamba2Impl = "auto"
     # causal depthwise conv: conv1d (nn.Conv1d, cuDNN on GPU, channels-first transposes) |
     # shifts (d_conv shifted multiply-adds in the (B, T, C) layout; fuses under compile)
-    conv_impl: str = "conv1d"
+    conv_impl: Mamba2Conv = "conv1d"
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 4096
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
+    vocab_size: int = 4096              # >= the tokenizer's vocabulary (pad to a multiple of 128
+                                        # so that any TP size divides it)
+    d_model: int = 256                  # residual stream width D
+    n_layers: int = 4                   # blocks
+    n_heads: int = 4                    # attention heads (the forward branch's, for Sessa)
     n_kv_heads: int | None = None       # None = n_heads (no GQA)
-    mixer: str = "sessa"                # default mixer of every layer: sessa | attention | mamba2
-    layer_mixers: list[str] | None = None  # optional per-layer mixers (length n_layers)
-    block: str = "gated"                # gated (paper) | transformer (pre-norm attn + SwiGLU)
+    mixer: Mixer = "sessa"              # default mixer of every layer: sessa | attention | mamba2
+    layer_mixers: list[Mixer] | None = None  # optional per-layer mixers (length n_layers)
+    block: Block = "gated"              # gated (paper) | transformer (pre-norm attn + SwiGLU)
     mlp_hidden: int | None = None       # transformer block MLP width; None = 8/3 d rounded to 64
-    tie_embeddings: bool = True
-    use_rope: bool = True
-    rope_base: float = 10000.0
-    init_std: float = 0.02
+    tie_embeddings: bool = True         # the LM head reuses the embedding matrix
+    use_rope: bool = True               # rotary positions in the (forward) attention
+    rope_base: float = 10000.0          # RoPE frequency base
+    init_std: float = 0.02              # std of the normal init of weights (residual outputs
+                                        # scaled by 1/sqrt(2 n_layers))
     sessa: SessaOptions = field(default_factory=SessaOptions)
     mamba2: Mamba2Options = field(default_factory=Mamba2Options)
 

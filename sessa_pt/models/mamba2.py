@@ -29,13 +29,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MAMBA2_IMPLS = ("auto", "chunked", "sequential", "triton", "fla")
-MAMBA2_CONV_IMPLS = ("conv1d", "shifts")
+from sessa_pt.models.config import Mamba2Conv, Mamba2Impl
+
+MAMBA2_IMPLS: tuple[str, ...] = get_args(Mamba2Impl)
+MAMBA2_CONV_IMPLS: tuple[str, ...] = get_args(Mamba2Conv)
 
 
 @dataclass
