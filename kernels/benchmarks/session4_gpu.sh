@@ -6,7 +6,7 @@
 # activation checkpointing) against the compiled gated Transformer, with a torch.profiler kernel
 # table of the compiled Sessa step (is the align-1 GEMM gone?).
 #
-# From the repo root, with .whl/ carried along (shared/gpu/README.md; deepspeed, megatron-core,
+# From the repo root, with .whl/ carried along (kernels/benchmarks/gpu_wheels.sh; deepspeed, megatron-core,
 # mlflow, webdataset are installed from it into a scratch folder):
 #   bash kernels/benchmarks/session4_gpu.sh [OUT_DIR]          (default $OUT or /tmp/s4_out)
 # PARTS (default "tests layers train") picks parts; "tests_train" (the bf16 trainer tests:

@@ -5,7 +5,7 @@
 # side by side since they check correctness only; then recipes/m125 tokens/s at T=2048, one run
 # at a time: compiled Sessa (with a kernel profile), the compiled gated Transformer, eager Sessa
 # (session4_gpu.sh's "train" part), and compiled Mamba2 on the Triton SSD.
-# From the repo root, with .whl/ filled by ../shared/gpu/wheels.sh and carried along:
+# From the repo root, with .whl/ filled by kernels/benchmarks/gpu_wheels.sh and carried along:
 #   bash kernels/benchmarks/verify_gpu.sh [OUT_DIR]     (default $OUT; logs in OUT_DIR/verify.tgz)
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/verify_out}}

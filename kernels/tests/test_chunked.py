@@ -36,7 +36,7 @@ def test_chunked_keeps_dtype_and_validates() -> None:
 
 
 def test_chunked_uniform_routing_positional_code() -> None:
-    """SPEC section 4: zero q/k, gamma 0.5, constant input -> c = 1, 1.5, 1.625, 1.6875."""
+    """docs/model.md §5: zero q/k, gamma 0.5, constant input -> c = 1, 1.5, 1.625, 1.6875."""
     T = 6
     z = torch.zeros(1, T, 4, dtype=torch.float64)
     s = feedback_chunked(z, z, torch.full((1, T), 0.5, dtype=torch.float64),

@@ -7,7 +7,7 @@ model's residual stream) it is the RMS singular value of the Jacobian block dy_t
 
 The tail exponent beta is fitted on log-log axes (influence ~ lag^-beta); an exponential fit
 (log influence ~ -rate * lag) is reported beside it so the two memory laws can be told apart:
-Sessa with diffuse routing and constant gain gamma: beta = 1 - gamma (SPEC_SESSA.md section 4);
+Sessa with diffuse routing and constant gain gamma: beta = 1 - gamma (docs/model.md §5);
 diffuse attention: ~1/lag; Mamba2: exponential decay.
 
 CLI: ``python -m sessa_pt.eval.memory_tail --help``.
@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixer", choices=["sessa", "attention", "mamba2"], default="sessa",
                    help="sequence mixer to probe (randomly initialised, float64)")
     p.add_argument("--routing", choices=["uniform", "model"], default="uniform",
-                   help="uniform: Sessa with q_b = k_b = 0 and constant --gamma (the SPEC "
-                        "section 4 construction), or diffuse attention (zero queries); model: the "
+                   help="uniform: Sessa with q_b = k_b = 0 and constant --gamma (the construction of "
+                        "docs/model.md §5), or diffuse attention (zero queries); model: the "
                         "mixer's own routing at random init")
     p.add_argument("--gamma", type=float, default=0.5,
                    help="constant feedback gain for --routing uniform (in (0, 1))")

@@ -18,7 +18,7 @@
 # The seeds phase reads the sweep's choice from results/<name>/choice.json (commit the
 # choice.json that the sweep call brought back there first), or takes --lr VARIANT=LR options.
 #
-# Needs on the GPU machine: .whl/ (../shared/gpu/wheels.sh) and, for lm, data/lm_table2/raw.tar.xz
+# Needs on the GPU machine: .whl/ (kernels/benchmarks/gpu_wheels.sh) and, for lm, data/lm_table2/raw.tar.xz
 # and data/lm_table2/tok/ (prepared on the CPU machine: sessa_pt/experiments/lm.py says how).
 # Files under $OUT: choice.json (sweep) or summary.json + RESULTS.md + report.md + the report's
 # PNGs (seeds), runs.tar.gz (every log, eval/memory-tail JSON, run summary and the mlflow store)

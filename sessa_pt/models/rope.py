@@ -1,7 +1,7 @@
 """Rotary position embedding, interleaved-pair layout (pairs (2i, 2i+1)), base 10000.
 
 Angles, cos and sin are computed in float32 whatever the activation dtype: in bf16 the angle
-of position 2048 is off by several radians (SPEC pitfall 3).
+of position 2048 is off by several radians (docs/model.md §7, pitfall 3).
 
 cos and sin come from a table of (positions, d/2) float32 values cached per (head_dim, base,
 device), grown to the next power of two when a longer sequence arrives. Without it, a compiled

@@ -4,7 +4,7 @@ reads the mixer's own past outputs through a second attention (feedback branch).
     f = out_proj(MHA(a))                                    forward branch, RoPE, j <= t
     s_t = f_t + gamma_t * sum_{j<t} alpha[t, j] s_j         feedback, strict past, no RoPE
 
-SPEC_SESSA.md sections 2-3. ``variant='reference'`` (default) follows the authors' release:
+docs/model.md §2-§4. ``variant='reference'`` (default) follows the authors' release:
 gamma_t = gamma_max * tanh(gamma_bias + a_t . w_gamma), gamma_bias initialised to 1.0 and one
 feedback head of width D. ``variant='paper'``: gamma_t = tanh(a_t . w_gamma + b_gamma), b_gamma
 initialised to 0, and a feedback width ``fb_dim`` that may differ from D.
@@ -75,7 +75,7 @@ class SessaMixer(AttentionMixer):
         # nn.Linear's default init gives the reference's spread of initial gains (mean ~0.7).
         self.gamma_ctx.weight._no_reinit = True
         # A plain Parameter, not a Linear bias, so generic re-initialisation never touches it
-        # (SPEC pitfall 5). Shape (1,) rather than the reference's scalar: DeepSpeed broadcasts
+        # (docs/model.md §7, pitfall 5). Shape (1,) rather than the reference's scalar: DeepSpeed broadcasts
         # parameters as bytes, which a 0-dim tensor cannot be viewed as (from_reference
         # reshapes).
         self.gamma_bias = nn.Parameter(torch.full((1,), float(gamma_bias_init)))

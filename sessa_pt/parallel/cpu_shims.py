@@ -5,8 +5,8 @@ tracker (``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork()``)
 restores ``torch.cuda`` RNG state, and some buffers are allocated on
 ``torch.cuda.current_device()``. On a machine without CUDA those raise
 "Torch not compiled with CUDA enabled". This shim maps them onto the CPU RNG and device.
-It is applied ONLY when CUDA is absent (``install_if_needed``), never on a GPU machine.
-Verified in shared/research/stack.md section 2.
+It is applied ONLY when CUDA is absent (``install_if_needed``), never on a GPU machine; the
+CPU equivalence tests (tests/distributed) run through it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The optimizer is torch's AdamW handed to DeepSpeed as a client optimizer: DeepSpeed's own
 FusedAdam is JIT-compiled, which costs ~50 s on CPU and fails on the GPU image (its
-TORCH_CUDA_ARCH_LIST=9.0a cannot be parsed by DeepSpeed's op builder; shared/gpu/README.md).
+TORCH_CUDA_ARCH_LIST=9.0a cannot be parsed by DeepSpeed's op builder: "invalid literal for int()
+with base 10: '0a'").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Sessa layer against SPEC_SESSA.md: section 4's numbers, the first token, decoding,
+"""The Sessa layer against docs/model.md: §5's numbers, the first token, decoding,
 gradients, dtypes, and import of reference-release weights."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from sessa_pt.models.rope import apply_rope
 
 F64 = torch.float64
 
-SPEC_TABLE = {  # gamma -> {lag: influence} for tau = 0 (SPEC section 4)
+SPEC_TABLE = {  # gamma -> {lag: influence} for tau = 0 (docs/model.md §5)
     0.5: {1: 0.5, 2: 0.375, 4: 0.2734375, 16: 0.139950, 64: 0.0703861, 256: 0.0352446,
           1024: 0.0176288, 4096: 0.00881519},
     0.9: {1: 0.9, 2: 0.855, 4: 0.805838, 16: 0.707213, 64: 0.616951, 256: 0.537369,
@@ -168,7 +168,7 @@ def test_gain_and_init_follow_reference_and_paper_variants():
 # ---- reference-release import ---------------------------------------------------------------
 
 def _reference_layer_forward(sd: dict, x, n_heads: int, n_kv: int, base: float = 10000.0):
-    """An independent dense implementation of the authors' layer, written from the SPEC."""
+    """An independent dense implementation of the authors' layer, written from docs/model.md."""
     B, T, D = x.shape
     d = D // n_heads
     lin = lambda z, n: z @ sd[n + ".weight"].T + sd.get(n + ".bias", 0)

@@ -1,6 +1,6 @@
 """Multi-query associative recall (MQAR), in two variants.
 
-``zoology`` (Arora et al., reimplemented from ``shared/research/data.md``): vocabulary V, keys
+``zoology`` (Arora et al., "Zoology", 2023; reimplemented from the paper's description): vocabulary V, keys
 from ``[1, V/2)``, values from ``[V/2, V)``. The context ``k1 v1 ... kD vD`` is followed by a
 query region of filler (0); query ``j`` puts ``k_j`` at offset ``2*g_j`` of that region and its
 value right after it, with slots ``g`` drawn without replacement, ``p(g) ~ g^-0.99``. The values

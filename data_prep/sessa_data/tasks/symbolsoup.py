@@ -1,6 +1,6 @@
 """SymbolSoup (Sessa paper, arXiv 2604.18580): classify a sequence by the styles of two hidden
-blocks of letters buried in uniform noise. Reimplemented from the description in
-``shared/research/data.md``, following the authors' generator (``LibratioAI/sessa``,
+blocks of letters buried in uniform noise. Reimplemented from the paper's description,
+following the authors' generator (``LibratioAI/sessa``,
 ``datasets/SymbolSoup.py``) in every sampling rule: secondary letters prefer only themselves as
 the next letter, motifs are inserted only where one fits whole, flips change the letter, and the
 block lengths are drawn as theirs are. The random streams are ours (one seeded stream per
