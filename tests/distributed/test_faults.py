@@ -331,7 +331,7 @@ def test_a_tracking_server_that_dies_mid_run_never_stops_training(lm_data, tmp_p
 
 def _small_valid_split(lm_data, out: Path) -> str:
     """~100 samples of text with the shards' tokenizer (the shared valid split has 7k)."""
-    from data_prep.tokenize_shards import TokenizeConfig, tokenize_to_shards
+    from sessa_data.tokenize_shards import TokenizeConfig, tokenize_to_shards
     from sessa_pt.data import read_manifest
 
     tok = read_manifest(lm_data["train"]).tokenizer["path"]
