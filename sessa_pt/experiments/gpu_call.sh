@@ -44,9 +44,9 @@ if [[ ${WHEELS:-1} != 0 ]]; then
   S=$(mktemp -d)
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$S" .whl/*.whl || { echo "wheel install failed: is .whl/ carried?" >&2; exit 1; }
-  export PYTHONPATH=$S:$PWD:$PWD/kernels
+  export PYTHONPATH=$S:$PWD:$PWD/kernels:$PWD/data_prep
 else
-  export PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$PWD:$PWD/kernels:$PWD/data_prep${PYTHONPATH:+:$PYTHONPATH}
 fi
 export OMP_NUM_THREADS=1 MLFLOW_ALLOW_FILE_STORE=true MLFLOW_DISABLE_TELEMETRY=true
 # The image sets TORCH_CUDA_ARCH_LIST=9.0a, which DeepSpeed's op builder cannot parse.

@@ -65,7 +65,7 @@ class LanguageModel(Experiment):
             if not ctx.args.dry_run:
                 write_smoke_corpus(data / "raw")
             tok = data / "tok" / "spm"
-            code = runner.run([ctx.py, "-m", "data_prep.cli", "train-tokenizer", "--input",
+            code = runner.run([ctx.py, "-m", "sessa_data.cli", "train-tokenizer", "--input",
                                *(str(data / "raw" / f"{s}.jsonl") for s in SMOKE_SOURCES[:2]),
                                "--vocab-size", "384", "--out", str(tok), "--threads", "1"],
                               ctx.env)
@@ -88,7 +88,7 @@ class LanguageModel(Experiment):
                   tok: pathlib.Path, seq_len: int, workers: int) -> int:
         raw, common = ctx.data / "raw", ["--tokenizer", str(tok), "--seq-len", str(seq_len),
                                          "--workers", str(workers), "--overwrite"]
-        cli = [ctx.py, "-m", "data_prep.cli", "tokenize"]
+        cli = [ctx.py, "-m", "sessa_data.cli", "tokenize"]
         code = ctx.runner.run([*cli, "--input", *(str(raw / f"{s}.jsonl") for s in train),
                                "--valid-fraction", str(SELECT_FRACTION), "--out",
                                str(ctx.data / "shards"), *common], ctx.env)

@@ -52,7 +52,7 @@ class DiffuseMQAR(Experiment):
         if (data / "test" / "manifest.json").is_file():
             ctx.runner.note(f"shards already present in {data}")
             return 0
-        gen = [ctx.py, "-m", "data_prep.cli", "mqar", "--variant", "diffuse", "--out", str(data),
+        gen = [ctx.py, "-m", "sessa_data.cli", "mqar", "--variant", "diffuse", "--out", str(data),
                "--vocab-size", "256", "--key-len", "2", "--value-len", "1", "--prefix-group",
                "4", "--seed", "0"]
         for k, v in self.shape(smoke).items():

@@ -53,7 +53,7 @@ class SymbolSoup(Experiment):
             runner.note(f"shards already present in {data}")
             return 0
         lo, hi = self.lengths(smoke)
-        gen = [ctx.py, "-m", "data_prep.cli", "symbolsoup", "--out", str(data),
+        gen = [ctx.py, "-m", "sessa_data.cli", "symbolsoup", "--out", str(data),
                "--min-len", str(lo), "--max-len", str(hi), "--seq-len", str(hi), "--seed", "0"]
         if smoke:
             gen += ["--train", "64", "--valid", "16", "--test", "32"]

@@ -47,7 +47,7 @@ def test_data_commands(tmp_path: pathlib.Path, capsys) -> None:
     assert f"--train {1500 * 64}" in gen                      # the longest phase's examples
     main(["lm", "sweep", "--dry-run", "--out", str(tmp_path / "o"), "--data", str(tmp_path)])
     cmds = _cmds(capsys)
-    tok = [c for c in cmds if "data_prep.cli tokenize" in c]
+    tok = [c for c in cmds if "sessa_data.cli tokenize" in c]
     assert len(tok) == 2 and "--valid-fraction 0.01" in tok[0] and "brown" not in tok[0]
     assert "raw/brown.jsonl --valid-sources brown" in tok[1]
 
