@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                         str(tok.with_suffix(".model")), "--seq-len", str(SEQ_LEN), "--out",
                         str(shards), "--workers", "2", "--valid-fraction", "0.02"])
     overrides = args.overrides or ["parallel.tp=2"]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               MLFLOW_DISABLE_TELEMETRY="true")
+    from sessa_pt.train.tracking import mlflow_env
+
+    env = mlflow_env(None, dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS",
+                                                                          "1")))
     run([py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
          str(args.nproc), "-m", "sessa_pt.train", args.recipe,
          f"data.train={shards}/train/manifest.json", f"data.valid={shards}/valid/manifest.json",

@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 
 @dataclass
 class Loaded:
@@ -168,15 +166,13 @@ class ResultLogger:
             if not self.run_id:
                 raise SystemExit(f"--mlflow-run-id auto: {loaded.checkpoint} records no mlflow "
                                  "run id (was tracking disabled?)")
-        from mlflow.tracking import MlflowClient
+        from sessa_pt.train.tracking import mlflow_client
 
         uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise SystemExit("--mlflow-run-id needs --tracking-uri (or MLFLOW_TRACKING_URI)")
-        if uri.startswith("file:") or "://" not in uri:
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = mlflow_client(uri)
         self.client.get_run(self.run_id)     # fail early on a wrong id or store
 
     @property

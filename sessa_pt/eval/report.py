@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import pathlib
 import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 REPORT_TAG = "sessa_pt.report"
 CURVE_SUFFIXES = ("_acc_by_length", "_acc_by_lag")
@@ -58,11 +55,9 @@ class RunData:
 
 
 def _client(uri: str):
-    from mlflow.tracking import MlflowClient
+    from sessa_pt.train.tracking import mlflow_client
 
-    if uri.startswith("file:") or "://" not in uri:
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return MlflowClient(tracking_uri=uri)
+    return mlflow_client(uri)
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -52,6 +52,7 @@ from sessa_pt.experiments.runner import (
     read_json,
     tracking_uri,
 )
+from sessa_pt.train.tracking import mlflow_env
 
 PAPER = {"sessa": (0.8601, 0.0016), "transformer": (0.7921, 0.0070),
          "mamba2": (0.0500, 0.0000)}
@@ -145,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants.split(",") if v.strip()]
     py = sys.executable
     runner = Runner(args.dry_run, gpu_slots(args.gpus, args.runs_per_gpu))
-    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", "1" if args.smoke else "8")}
+    env = mlflow_env(None, {"OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", "1" if args.smoke else "8")})
     if not args.dry_run:
         out.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(out)

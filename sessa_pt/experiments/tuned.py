@@ -37,6 +37,7 @@ from sessa_pt.experiments.runner import (
     tracking_uri,
     utc_now,
 )
+from sessa_pt.train.tracking import mlflow_env
 
 PHASES = ("sweep", "seeds", "all")
 
@@ -185,8 +186,8 @@ def make_context(exp: Experiment, args: argparse.Namespace) -> Context:
     if bad := [v for v in variants if not exp.recipe(v).is_file()]:
         raise SystemExit(f"--variants: no recipe {exp.recipe(bad[0])}; choose from "
                          f"{', '.join(exp.variants)}")
-    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ALLOW_FILE_STORE": "true",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1" if args.smoke else "4")}
+    env = mlflow_env("file:", {"OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", "1" if args.smoke else "4")})
     return Context(exp, args, out, data, variants,
                    Runner(args.dry_run, gpu_slots(args.gpus, args.runs_per_gpu)), env)
 

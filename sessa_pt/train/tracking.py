@@ -27,7 +27,30 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The one place for mlflow's environment defaults (training, evaluation, reports, experiments).
+MLFLOW_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def mlflow_env(uri: str | None = None, env: dict | None = None) -> dict:
+    """``env`` (default: os.environ, changed in place) with our mlflow defaults where unset:
+    telemetry off, and file stores allowed for a file URI (mlflow 3 refuses them otherwise)."""
+    env = os.environ if env is None else env
+    for k, v in MLFLOW_DEFAULTS.items():
+        env.setdefault(k, v)
+    if uri is not None and (uri.startswith("file:") or "://" not in uri):
+        env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return env
+
+
+def mlflow_client(uri: str):
+    """An ``MlflowClient`` for ``uri``, with the defaults above applied."""
+    mlflow_env(uri)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+mlflow_env()
 
 
 class TrackingUnreachable(RuntimeError):
@@ -41,8 +64,9 @@ def default_uri(run_dir: str) -> str:
 
         return f"sqlite:///{run_dir}/mlflow.db"
     except ImportError:
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        return pathlib.Path(run_dir, "mlruns").as_uri()
+        uri = pathlib.Path(run_dir, "mlruns").as_uri()
+        mlflow_env(uri)
+        return uri
 
 
 def resolve_uri(configured: str, run_dir: str) -> str:
