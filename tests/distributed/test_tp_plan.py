@@ -14,11 +14,11 @@ from sessa_pt.models.config import Mamba2Options, ModelConfig
 from sessa_pt.models.lm import build_stage
 
 CONFIGS = {
-    "gated-sessa": dict(mixer="sessa"),
-    "gated-attention": dict(mixer="attention", tie_embeddings=False),
-    "gated-mamba2": dict(mixer="mamba2", mamba2=Mamba2Options(d_state=8, head_dim=8,
-                                                                n_groups=2, chunk_size=8)),
-    "transformer": dict(mixer="attention", block="transformer", mlp_hidden=24),
+    "gated-sessa": {"mixer": "sessa"},
+    "gated-attention": {"mixer": "attention", "tie_embeddings": False},
+    "gated-mamba2": {"mixer": "mamba2", "mamba2": Mamba2Options(d_state=8, head_dim=8,
+                                                                n_groups=2, chunk_size=8)},
+    "transformer": {"mixer": "attention", "block": "transformer", "mlp_hidden": 24},
 }
 
 
