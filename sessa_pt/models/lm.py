@@ -191,32 +191,35 @@ def chunked_lm_loss_sum(h: Tensor, weight: Tensor, labels: Tensor,
 
 def lm_forward(embed: Callable[[Tensor], Tensor], blocks, head: nn.Module, input_ids: Tensor,
                labels: Tensor | None = None, loss_mask: Tensor | None = None, *,
-               embedding_weight: Tensor | None, loss_fn=lm_loss, loss_chunk_tokens: int = 0,
+               embedding: nn.Module, loss_fn=lm_loss, loss_chunk_tokens: int = 0,
                caches: list | None = None) -> Tensor:
     """The model forward every non-pipeline path runs (:class:`DecoderLM`, and
     ``sessa_pt.parallel.model.SequentialLM`` over its TP / compiled / checkpointed stages):
-    embedding, the blocks in order (each with its decoding cache when ``caches`` is given),
-    then :func:`head_output`."""
+    ``embed``, the blocks in order (each with its decoding cache when ``caches`` is given),
+    then :func:`head_output`. ``embedding`` is the module holding the embedding ``weight``
+    (the tied head's projection)."""
     h = embed(input_ids)
     for i, block in enumerate(blocks):
         h = block(h) if caches is None else block(h, caches[i])
-    return head_output(head, h, labels, loss_mask, embedding_weight=embedding_weight,
-                       loss_fn=loss_fn, loss_chunk_tokens=loss_chunk_tokens)
+    return head_output(head, h, labels, loss_mask, embedding=embedding, loss_fn=loss_fn,
+                       loss_chunk_tokens=loss_chunk_tokens)
 
 
 def head_output(head: nn.Module, h: Tensor, labels: Tensor | None = None,
-                loss_mask: Tensor | None = None, *, embedding_weight: Tensor | None,
-                loss_fn=lm_loss, loss_chunk_tokens: int = 0) -> Tensor:
+                loss_mask: Tensor | None = None, *, embedding: nn.Module, loss_fn=lm_loss,
+                loss_chunk_tokens: int = 0) -> Tensor:
     """The head (an :class:`LMHead` or its tensor-parallel form) on the last hidden states:
     logits without ``labels``; else ``loss_fn(logits, labels, loss_mask)``, or with
     ``loss_chunk_tokens > 0`` the fused :func:`chunked_lm_loss` that never holds all logits.
-    ``embedding_weight`` is the projection when the head is tied (``head.weight`` None)."""
+    A tied head (``head.weight`` None) projects with ``embedding.weight``."""
+    # Read the embedding weight here, not before the embedding ran: under ZeRO-3 that access
+    # is what gathers the (partitioned, released after the embedding's forward) parameter.
     if labels is None:
-        return head(h, embedding_weight)
+        return head(h, embedding.weight)
     if loss_chunk_tokens:
-        weight = head.weight if head.weight is not None else embedding_weight
+        weight = head.weight if head.weight is not None else embedding.weight
         return chunked_lm_loss(head.norm(h), weight, labels, loss_mask, loss_chunk_tokens)
-    return loss_fn(head(h, embedding_weight), labels, loss_mask)
+    return loss_fn(head(h, embedding.weight), labels, loss_mask)
 
 
 def build_stage(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:
@@ -261,7 +264,7 @@ class DecoderLM(nn.Module):
                 loss_mask: Tensor | None = None, caches: list | None = None) -> Tensor:
         """Logits (B, T, V); or the loss when ``labels`` are given."""
         return lm_forward(self.embed, self.blocks, self.head, input_ids, labels, loss_mask,
-                          embedding_weight=self.embed.weight, loss_fn=self.loss_fn,
+                          embedding=self.embed, loss_fn=self.loss_fn,
                           loss_chunk_tokens=self.loss_chunk_tokens, caches=caches)
 
     def init_caches(self) -> list:

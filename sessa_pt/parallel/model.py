@@ -100,7 +100,7 @@ class SequentialLM(nn.Module):
                  ) -> Tensor:
         embed = self.stages[0]
         return lm_forward(embed, self.stages[1:-1], self.stages[-1].m, input_ids, labels,
-                          loss_mask, embedding_weight=embed.m.weight, loss_fn=self.loss_fn,
+                          loss_mask, embedding=embed.m, loss_fn=self.loss_fn,
                           loss_chunk_tokens=self.loss_chunk_tokens)   # chunked: tp == 1 only
 
     def logits(self, input_ids: Tensor) -> Tensor:
