@@ -40,3 +40,20 @@ def test_constant_and_no_decay_groups():
     decay, no_decay = param_groups(m, 0.1)
     assert [p.shape for p in decay["params"]] == [(4, 4)]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_weight_decay_groups_by_shape_not_by_name():
+    """Matrices decay whatever they are called; vectors and flagged parameters do not."""
+    import torch
+
+    m = torch.nn.Module()
+    m.layernorm_proj = torch.nn.Linear(4, 4)          # a matrix with "norm" in its name
+    m.relative_bias = torch.nn.Parameter(torch.zeros(3, 4))
+    m.gain = torch.nn.Parameter(torch.ones(4))
+    m.A_log = torch.nn.Parameter(torch.zeros(2, 2))
+    m.A_log._no_weight_decay = True
+    decay, no_decay = param_groups(m, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(m.layernorm_proj.weight),
+                                                id(m.relative_bias)}
+    assert {id(p) for p in no_decay["params"]} == {id(m.layernorm_proj.bias), id(m.gain),
+                                                   id(m.A_log)}

@@ -14,11 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sessa_kernels.precision import accumulation_dtype
+
 IGNORE_INDEX = -100
 
 
 def _cross_entropy_grad_torch(logits: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits)
     lf = logits.to(acc)
     keep = labels != IGNORE_INDEX
     safe = torch.where(keep, labels, 0)

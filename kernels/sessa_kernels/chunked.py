@@ -30,9 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _solve_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+from sessa_kernels.precision import accumulation_dtype
 
 
 def check_feedback_inputs(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor) -> None:
@@ -194,7 +192,7 @@ def feedback_chunked(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
     scale = q_b.shape[-1] ** -0.5 if scale is None else float(scale)
     if q_b.shape[1] == 0:
         return f.clone()
-    dt = _solve_dtype(q_b, k_b, gamma, f)
+    dt = accumulation_dtype(q_b, k_b, gamma, f)
     s, _, _ = feedback_chunked_fwd(q_b.to(dt), k_b.to(dt), gamma.to(dt), f.to(dt), scale,
                                    int(chunk_size))
     return s.to(f.dtype)

@@ -26,11 +26,13 @@ import math
 import torch
 from torch import Tensor
 
+from sessa_kernels.precision import accumulation_dtype
+
 
 def feedback_decode_torch(q_b_t: Tensor, gamma_t: Tensor, f_t: Tensor, K_b: Tensor, S: Tensor,
                           scale: float) -> Tensor:
     """Reference / CPU path in float32 (float64 for float64 inputs)."""
-    dt = torch.float64 if f_t.dtype == torch.float64 else torch.float32
+    dt = accumulation_dtype(f_t)
     logits = torch.einsum("bk,bpk->bp", q_b_t.to(dt), K_b.to(dt)) * scale
     alpha = torch.softmax(logits, dim=-1)
     read = torch.einsum("bp,bpd->bd", alpha, S.to(dt))

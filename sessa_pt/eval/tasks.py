@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from sessa_pt.eval.common import Loaded, autocast
+from sessa_pt.models.lm import masked_loss_sum, mean_loss
 
 
 def _check_vocab(loaded: Loaded, ds) -> None:
@@ -51,14 +52,15 @@ def perplexity(loaded: Loaded, manifest: str, batch_size: int = 8,
             logits = model(x)
         logits = logits.float()
         ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-        mf = m.flatten()
-        nll += float((ce * mf).sum())
+        batch_nll, batch_tokens = masked_loss_sum(ce, m)
+        nll += float(batch_nll)
         top = logits.topk(5, dim=-1).indices
         top1 += float(((top[..., 0] == y).float() * m).sum())
         top5 += float(((top == y[..., None]).any(-1).float() * m).sum())
-        n += float(mf.sum())
+        n += float(batch_tokens)
         samples += int((batch["sample_ids"] >= 0).sum())
-    loss = nll / max(n, 1.0)
+    loss = float(mean_loss(torch.tensor(nll, dtype=torch.float64),
+                           torch.tensor(n, dtype=torch.float64)))
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "top1": top1 / max(n, 1.0),
             "top5": top5 / max(n, 1.0), "tokens": int(n), "samples": samples,
             "seq_len": ds.seq_len, "manifest": str(manifest)}

@@ -18,13 +18,10 @@ dtype (SPEC pitfall 4); the result is cast back to ``f.dtype``.
 from __future__ import annotations
 
 import torch
+from sessa_kernels.precision import accumulation_dtype
 from torch import Tensor
 
 FEEDBACK_IMPLS = ("dense", "chunked", "triton")
-
-
-def _solve_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def strict_past_routing(q_b: Tensor, k_b: Tensor, scale: float, n_past: int = 0) -> Tensor:
@@ -73,7 +70,7 @@ def feedback_dense(
     if (past_k_b is None) != (past_s is None):
         raise ValueError("past_k_b and past_s must be given together")
     scale = Dk**-0.5 if scale is None else scale
-    dt = _solve_dtype(q_b, k_b, gamma, f)
+    dt = accumulation_dtype(q_b, k_b, gamma, f)
     n_past = 0 if past_k_b is None else past_k_b.shape[1]
     keys = k_b if past_k_b is None else torch.cat([past_k_b.to(k_b.dtype), k_b], dim=1)
     alpha = strict_past_routing(q_b.to(dt), keys.to(dt), scale, n_past)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from sessa_kernels.precision import accumulation_dtype
 from torch import Tensor, nn
 
 from sessa_pt.models.attention import AttentionMixer
@@ -71,13 +72,38 @@ class LMHead(nn.Module):
         return F.linear(self.norm(h), w)
 
 
+def masked_loss_sum(per_token: Tensor, loss_mask: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor]:
+    """(sum of the per-token losses at the positions ``loss_mask`` keeps, number kept).
+
+    The one masked reduction of the LM loss: every loss here (plain, fused-chunked,
+    vocab-parallel, evaluation) supplies per-token losses or their sum and reduces through
+    this, so sums and counts can be added over micro-batches or ranks before dividing (a
+    token-weighted mean). No mask keeps every position."""
+    per_token = per_token.flatten()
+    w = token_weights(per_token, loss_mask).to(per_token.dtype)
+    return (per_token * w).sum(), w.sum()
+
+
+def token_weights(per_token: Tensor, loss_mask: Tensor | None) -> Tensor:
+    """The mask as float32 weights, one per position of ``per_token`` (all ones for None)."""
+    if loss_mask is None:
+        return torch.ones(per_token.numel(), device=per_token.device, dtype=torch.float32)
+    if loss_mask.numel() != per_token.numel():
+        raise ValueError(f"loss_mask has {loss_mask.numel()} positions but there are "
+                         f"{per_token.numel()} per-token losses: pass the batch's own mask")
+    return loss_mask.flatten().float()
+
+
+def mean_loss(total: Tensor, count: Tensor) -> Tensor:
+    """``total / count``, 0 where nothing was kept (count 0)."""
+    return total / count.clamp_min(1.0)
+
+
 def lm_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> Tensor:
     """Mean next-token cross entropy over the positions the mask keeps (fp32)."""
     ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none")
-    if loss_mask is None:
-        return ce.mean()
-    m = loss_mask.flatten().to(ce.dtype)
-    return (ce * m).sum() / m.sum().clamp_min(1.0)
+    return mean_loss(*masked_loss_sum(ce, loss_mask))
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -95,8 +121,7 @@ class _FusedLinearCE(torch.autograd.Function):
         from sessa_kernels.ce_triton import cross_entropy_grad_
 
         dh = torch.empty_like(h)
-        dw = torch.zeros(weight.shape, device=weight.device,
-                         dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        dw = torch.zeros(weight.shape, device=weight.device, dtype=accumulation_dtype(weight))
         total = h.new_zeros((), dtype=dw.dtype)
         for i in range(0, h.shape[0], chunk_tokens):
             hc = h[i:i + chunk_tokens]
@@ -148,14 +173,54 @@ def chunked_lm_loss(h: Tensor, weight: Tensor, labels: Tensor, loss_mask: Tensor
     linear + cross-entropy over ``chunk_tokens`` positions at a time (:class:`_FusedLinearCE`).
     With a 32k vocabulary the fp32 logits of 128k tokens alone are 17 GB; this keeps one
     chunk's logits (in the activation dtype), plus dh and a float32 dW until the backward."""
+    return mean_loss(*chunked_lm_loss_sum(h, weight, labels, loss_mask, chunk_tokens))
+
+
+def chunked_lm_loss_sum(h: Tensor, weight: Tensor, labels: Tensor,
+                        loss_mask: Tensor | None = None, chunk_tokens: int = 8192
+                        ) -> tuple[Tensor, Tensor]:
+    """The fused loss as :func:`masked_loss_sum` gives it: (masked CE sum, tokens kept)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     h2, y = h.flatten(0, -2), labels.flatten()
-    m = torch.ones_like(y, dtype=torch.float32) if loss_mask is None else \
-        loss_mask.flatten().float()
-    denom = m.sum().clamp_min(1.0)
-    # The loss is a reduction: the per-row weights m / denom make the result the masked mean.
-    return _FusedLinearCE.apply(h2, weight, y, m / denom, chunk_tokens)   # float32 (float64)
+    # The fused kernel forms sum_i w_i CE_i itself (it never has the per-token losses), with
+    # the mask as the row weights; the count is the mask's, as in masked_loss_sum.
+    w = token_weights(y, loss_mask)
+    total = _FusedLinearCE.apply(h2, weight, y, w, chunk_tokens)      # float32 (float64)
+    return total, w.sum().to(total.dtype)
+
+
+def lm_forward(embed: Callable[[Tensor], Tensor], blocks, head: nn.Module, input_ids: Tensor,
+               labels: Tensor | None = None, loss_mask: Tensor | None = None, *,
+               embedding: nn.Module, loss_fn=lm_loss, loss_chunk_tokens: int = 0,
+               caches: list | None = None) -> Tensor:
+    """The model forward every non-pipeline path runs (:class:`DecoderLM`, and
+    ``sessa_pt.parallel.model.SequentialLM`` over its TP / compiled / checkpointed stages):
+    ``embed``, the blocks in order (each with its decoding cache when ``caches`` is given),
+    then :func:`head_output`. ``embedding`` is the module holding the embedding ``weight``
+    (the tied head's projection)."""
+    h = embed(input_ids)
+    for i, block in enumerate(blocks):
+        h = block(h) if caches is None else block(h, caches[i])
+    return head_output(head, h, labels, loss_mask, embedding=embedding, loss_fn=loss_fn,
+                       loss_chunk_tokens=loss_chunk_tokens)
+
+
+def head_output(head: nn.Module, h: Tensor, labels: Tensor | None = None,
+                loss_mask: Tensor | None = None, *, embedding: nn.Module, loss_fn=lm_loss,
+                loss_chunk_tokens: int = 0) -> Tensor:
+    """The head (an :class:`LMHead` or its tensor-parallel form) on the last hidden states:
+    logits without ``labels``; else ``loss_fn(logits, labels, loss_mask)``, or with
+    ``loss_chunk_tokens > 0`` the fused :func:`chunked_lm_loss` that never holds all logits.
+    A tied head (``head.weight`` None) projects with ``embedding.weight``."""
+    # Read the embedding weight here, not before the embedding ran: under ZeRO-3 that access
+    # is what gathers the (partitioned, released after the embedding's forward) parameter.
+    if labels is None:
+        return head(h, embedding.weight)
+    if loss_chunk_tokens:
+        weight = head.weight if head.weight is not None else embedding.weight
+        return chunked_lm_loss(head.norm(h), weight, labels, loss_mask, loss_chunk_tokens)
+    return loss_fn(head(h, embedding.weight), labels, loss_mask)
 
 
 def build_stage(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:
@@ -199,15 +264,9 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: Tensor, labels: Tensor | None = None,
                 loss_mask: Tensor | None = None, caches: list | None = None) -> Tensor:
         """Logits (B, T, V); or the loss when ``labels`` are given."""
-        h = self.embed(input_ids)
-        for i, block in enumerate(self.blocks):
-            h = block(h, caches[i]) if caches is not None else block(h)
-        if labels is not None and self.loss_chunk_tokens:
-            return chunked_lm_loss(self.head.norm(h), self.head.weight if self.head.weight
-                                   is not None else self.embed.weight, labels, loss_mask,
-                                   self.loss_chunk_tokens)
-        logits = self.head(h, self.embed.weight)
-        return logits if labels is None else self.loss_fn(logits, labels, loss_mask)
+        return lm_forward(self.embed, self.blocks, self.head, input_ids, labels, loss_mask,
+                          embedding=self.embed, loss_fn=self.loss_fn,
+                          loss_chunk_tokens=self.loss_chunk_tokens, caches=caches)
 
     def init_caches(self) -> list:
         return [b.init_cache() for b in self.blocks]
@@ -262,21 +321,36 @@ class DecoderLM(nn.Module):
         return sum(b.flops_per_token(seq_len) for b in self.blocks) + 2.0 * D * V
 
 
+def norm_types() -> tuple[type[nn.Module], ...]:
+    """The normalisation modules of our models (their parameters keep their ones / zeros
+    init and are never weight-decayed by shape alone)."""
+    from sessa_pt.models.mamba2 import GatedRMSNorm
+
+    return (nn.LayerNorm, nn.RMSNorm, GatedRMSNorm)
+
+
 def init_lm_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """Normal(0, init_std) for linear and embedding weights, zero biases, residual output
-    projections scaled by 1/sqrt(2 n_layers) (GPT-2). Parameters flagged ``_no_reinit`` (Sessa's
-    gain, Mamba2's decay/step/skip) keep the init their module gave them."""
+    projections scaled by 1/sqrt(2 n_layers) (GPT-2). Norm modules (:func:`norm_types`) keep
+    their init, and so do parameters flagged ``_no_reinit`` (Sessa's gain, Mamba2's
+    decay/step/skip and conv)."""
     std = cfg.init_std
     out_std = std / math.sqrt(2 * cfg.n_layers)
     residual_out = ("W_out", "out_proj", "w_down")
+    norms = norm_types()
+    seen: set[int] = set()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if getattr(p, "_no_reinit", False) or p.dim() == 0:
-                continue
-            parts = name.split(".")
-            parent = parts[-2] if len(parts) > 1 else ""
-            is_norm = "norm" in name or parent.startswith("ln")
-            if p.dim() >= 2 and not is_norm:
-                p.normal_(0.0, out_std if parent in residual_out else std)
-            elif parts[-1] == "bias" and not is_norm:
-                p.zero_()
+        # named_modules then each module's own parameters: the order of named_parameters(), so
+        # the random draws (and the initial weights) follow the parameters' order.
+        for module_name, module in model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if isinstance(module, norms) or getattr(p, "_no_reinit", False) or p.dim() == 0:
+                    continue
+                if p.dim() >= 2:
+                    last = module_name.rsplit(".", 1)[-1]
+                    p.normal_(0.0, out_std if last in residual_out else std)
+                elif name == "bias":
+                    p.zero_()

@@ -33,6 +33,7 @@ from typing import get_args
 
 import torch
 import torch.nn.functional as F
+from sessa_kernels.precision import accumulation_dtype
 from torch import Tensor, nn
 
 from sessa_pt.models.config import Mamba2Conv, Mamba2Impl
@@ -53,10 +54,6 @@ class Mamba2Cache:
     conv_state: Tensor | None = None
     ssm_state: Tensor | None = None
     length: int = 0
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_ssd_inputs(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -118,7 +115,7 @@ def ssd_sequential(
     _check_ssd_inputs(x, dt, A, B, C, initial_state)
     b, T, H, P = x.shape
     G, N = B.shape[2:]
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         xa, dta = x.to(acc), dt.to(acc)
         Bh = B.to(acc).repeat_interleave(H // G, dim=2)           # (b, T, H, N)
@@ -165,7 +162,7 @@ def ssd_chunked(
     b, T, H, P = x.shape
     G, N = B.shape[2:]
     hg = H // G
-    acc = _acc_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     L = max(1, min(chunk_size, T))
     c = -(-T // L)
     pad = c * L - T
@@ -365,7 +362,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        h = (y * F.silu(z)).to(_acc_dtype(y.dtype))
+        h = (y * F.silu(z)).to(accumulation_dtype(y.dtype))
         g = h.unflatten(-1, (self.dim // self.group_size, self.group_size))
         g = g * torch.rsqrt(g.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         return g.flatten(-2).to(y.dtype) * self.weight
@@ -505,7 +502,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt_raw = self.in_proj(a).split([self.d_inner, self.conv_dim, H], dim=-1)
         x, Bm, Cm = self._conv(xBC, cache).split([self.d_inner, G * N, G * N], dim=-1)
         x = x.view(b, T, H, P)
-        acc = _acc_dtype(a.dtype)
+        acc = accumulation_dtype(a.dtype)
         dt = F.softplus(dt_raw.to(acc) + self.dt_bias.to(acc))
         A = -torch.exp(self.A_log.to(acc))
         # one token with a cache: the recurrent step (the scan of one token), on any device

@@ -15,6 +15,7 @@ a memory-bound kernel. The table holds exactly the values the per-call computati
 from __future__ import annotations
 
 import torch
+from sessa_kernels.precision import accumulation_dtype
 from torch import Tensor
 
 # (head_dim, base, device, dtype) -> (cos, sin), each (capacity, head_dim / 2)
@@ -52,14 +53,10 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).to(x.dtype)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def apply_rope(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
     """Rotate x (..., T, H, d) at integer ``positions`` (T,); returns x's dtype."""
     n = int(positions.max()) + 1 if positions.numel() else 0
-    cos, sin = rope_table(n, x.shape[-1], base, x.device, _compute_dtype(x))
+    cos, sin = rope_table(n, x.shape[-1], base, x.device, accumulation_dtype(x))
     return _rotate(x, cos[positions], sin[positions])
 
 
@@ -67,5 +64,5 @@ def apply_rope_from(x: Tensor, start: int, base: float = 10000.0) -> Tensor:
     """Rotate x (..., T, H, d) at positions ``start, ..., start + T - 1`` (a slice of the
     table: no position tensor, no gather); same values as :func:`apply_rope`."""
     T = x.shape[-3]
-    cos, sin = rope_table(start + T, x.shape[-1], base, x.device, _compute_dtype(x))
+    cos, sin = rope_table(start + T, x.shape[-1], base, x.device, accumulation_dtype(x))
     return _rotate(x, cos.narrow(0, start, T), sin.narrow(0, start, T))

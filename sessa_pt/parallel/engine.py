@@ -41,13 +41,15 @@ def deepspeed_config(cfg: Config, dp: int, cuda: bool) -> dict:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, scalars and parameters flagged ``_no_weight_decay``."""
+    """Weight decay on matrices (embeddings, projections: ``p.dim() >= 2``), none on vectors
+    and scalars (biases, norm gains, Sessa's gain bias) or on parameters flagged
+    ``_no_weight_decay`` (Mamba2's step, decay and skip), as nanoGPT groups them. By shape, not
+    by name, so a tensor-parallel slice or a renamed module is grouped like the plain one."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or getattr(p, "_no_weight_decay", False) or "norm" in name \
-                or ".ln" in name or name.endswith("bias"):
+        if p.dim() < 2 or getattr(p, "_no_weight_decay", False):
             no_decay.append(p)
         else:
             decay.append(p)

@@ -7,16 +7,15 @@ through ``TiedLayerSpec``).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from sessa_pt.models.config import ModelConfig
-from sessa_pt.models.lm import build_stage, chunked_lm_loss, lm_loss
+from sessa_pt.models.lm import build_stage, lm_forward, lm_loss
 from sessa_pt.parallel.tensor_parallel import (
     apply_tensor_parallel,
     megatron_config,
+    vocab_logits,
     vocab_parallel_lm_loss,
 )
 from sessa_pt.parallel.topology import ParallelLayout
@@ -95,33 +94,25 @@ class SequentialLM(nn.Module):
             # an fp32 copy of all logits (17 GB at 128k tokens x 32k vocabulary) and re-reads it.
             self.loss_fn = torch.compile(self.loss_fn)
 
+    def _forward(self, input_ids: Tensor, labels: Tensor | None, loss_mask: Tensor | None
+                 ) -> Tensor:
+        embed = self.stages[0]
+        return lm_forward(embed, self.stages[1:-1], self.stages[-1].m, input_ids, labels,
+                          loss_mask, embedding=embed.m, loss_fn=self.loss_fn,
+                          loss_chunk_tokens=self.loss_chunk_tokens)   # chunked: tp == 1 only
+
     def logits(self, input_ids: Tensor) -> Tensor:
-        h = self.stages[0](input_ids)
-        for stage in self.stages[1:-1]:
-            h = stage(h)
-        return self.stages[-1].m(h, self.stages[0].m.weight)
+        return self._forward(input_ids, None, None)
 
     def forward(self, input_ids: Tensor, labels: Tensor, loss_mask: Tensor | None = None
                 ) -> Tensor:
-        if self.loss_chunk_tokens:          # tp == 1 only (validated)
-            h = self.stages[0](input_ids)
-            for stage in self.stages[1:-1]:
-                h = stage(h)
-            head = self.stages[-1].m
-            w = head.weight if head.weight is not None else self.stages[0].m.weight
-            return chunked_lm_loss(head.norm(h), w, labels, loss_mask, self.loss_chunk_tokens)
-        return self.loss_fn(self.logits(input_ids), labels, loss_mask)
+        return self._forward(input_ids, labels, loss_mask)
 
 
 def _tied_logits(embedding: Stage, h: Tensor) -> Tensor:
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-    if dist.is_initialized():
-        from megatron.core import parallel_state as ps
-
-        if ps.get_tensor_model_parallel_world_size() > 1:
-            h = copy_to_tensor_model_parallel_region(h)
-    return F.linear(h, embedding.m.weight)
+    """The tied head's projection (``h`` already normed by the head stage) in the embedding's
+    pipeline layer: the same projection as the head modules' (:func:`vocab_logits`)."""
+    return vocab_logits(h, embedding.m.weight)
 
 
 def build_pipeline(cfg: ModelConfig, seed: int, layout: ParallelLayout, topology,

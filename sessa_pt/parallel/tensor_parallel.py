@@ -1,29 +1,65 @@
-"""The tensor-parallel plan: re-express a plain, fully initialised stage with megatron-core
-``tensor_parallel`` layers, each rank keeping its slice of the same weights (so TP=2 starts from
-exactly the TP=1 model).
+"""Tensor parallelism as a declared plan: a plain, fully initialised stage is re-expressed with
+megatron-core ``tensor_parallel`` layers, each rank keeping its slice of the same weights (so
+TP=2 starts from exactly the TP=1 model).
 
-Plan (the models expose identity hook points that this fills in):
-  attention mixer      q/k/v column-parallel (heads split), out_proj row-parallel (all-reduce)
-  Sessa mixer          as attention; f is then cut to this rank's channel slice (each rank solves
-                       its channels: the T x T routing is shared by all channels); the feedback
-                       projection and gain are replicated and their inputs' gradients summed
-                       over ranks (copy_to_tensor_model_parallel_region)
-  gated block          W_in: the a half replicated (every projection reads all of a_bar), the gate
-                       half column-parallel (matching the channel slice); W_out row-parallel;
-                       non-Sessa mixers' outputs are cut to the channel slice
-  transformer block    attention as above, SwiGLU w_gate/w_up column-, w_down row-parallel
-  embedding            megatron VocabParallelEmbedding (vocab rows split)
-  head                 final norm replicated; logits vocab-parallel (against the local embedding
-                       rows when tied); loss: vocab_parallel_cross_entropy
-  Mamba2 mixer         heads and B/C groups split (n_groups % tp == 0): in_proj column-parallel
-                       over [z | x | B | C | dt] section by section, the depthwise conv, dt_bias,
-                       A_log, D_skip and the grouped norm sliced alike, out_proj row-parallel
+The plan (``tp_plan``) names, per block type, what happens to each submodule, parameter and
+hook point; one function (``apply_tensor_parallel``) carries it out:
 
-``plain_state_dict`` undoes the plan, gathering slices over the TP group, so checkpoints can be
-exported as the plain DecoderLM's state dict whatever the layout.
+  rule                 what a rank keeps
+  Column               an nn.Linear's output rows 1/tp (megatron ColumnParallelLinear);
+                       ``Column(sections)``: every section of the rows split alike
+  Row                  an nn.Linear's input columns 1/tp, output all-reduced (RowParallelLinear)
+  GatedInProj          the gated block's W_in: the ``a`` half replicated, the gate half Column
+  Replicated           everything (listed so the table is complete)
+  Sliced(sections)     a parameter's rows 1/tp, section by section (channel-sliced)
+  LocalSize            an attribute (a width, a count) divided by tp
+  Hook(module)         an identity hook point of the model replaced by a TP operation:
+                       ScatterToChannels (keep this rank's channels; backward all-gathers) or
+                       SumGradsOverTP (identity; backward all-reduces the gradient)
+  VocabParallel        the whole stage: embedding or head with its vocabulary rows split
+
+  block type        submodule                   rule
+  attention mixer   q_proj, k_proj, v_proj      Column (heads split)
+                    out_proj                    Row
+  Sessa mixer       as attention, plus:
+                    f_to_local                  Hook(ScatterToChannels): each rank solves its
+                                                channels (the T x T routing is shared by all)
+                    proj_fb, gamma_ctx,         Replicated
+                    gamma_bias
+                    routing_grad_sync           Hook(SumGradsOverTP): the routing inputs'
+                                                gradients summed over ranks
+  Mamba2 mixer      in_proj                     Column([z | x | B | C | dt] sections)
+  (n_groups % tp    conv1d.weight, conv1d.bias  Sliced([x | B | C])
+   == 0)            dt_bias, A_log, D_skip,     Sliced (heads / channels split)
+                    norm.weight
+                    d_inner, n_heads, n_groups, LocalSize
+                    conv_dim, norm.dim,
+                    conv1d.{in,out}_channels,
+                    conv1d.groups
+                    out_proj                    Row
+  gated block       ln                          Replicated
+                    W_in                        GatedInProj
+                    mixer                       its mixer's plan
+                    mixer_out_to_local          Hook(ScatterToChannels) for non-Sessa mixers
+                    W_out                       Row
+  transformer block ln1, ln2                    Replicated
+                    attn                        the attention plan
+                    mlp.w_gate, mlp.w_up        Column
+                    mlp.w_down                  Row
+  embedding         (the stage)                 VocabParallel: VocabParallelEmbedding
+  head              (the stage)                 VocabParallel: final norm replicated, logits
+                                                vocab-parallel (against the local embedding rows
+                                                when tied); loss: vocab_parallel_cross_entropy
+
+Every sliced parameter carries ``_tp_slice`` (its dim and sections); ``plain_state_dict``
+undoes the plan by gathering each over the TP group, so checkpoints can be exported as the
+plain DecoderLM's state dict whatever the layout.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -31,8 +67,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sessa_pt.models.attention import AttentionMixer
-from sessa_pt.models.blocks import GatedBlock, SwiGLU, TransformerBlock
-from sessa_pt.models.lm import LMHead, TokenEmbedding
+from sessa_pt.models.blocks import GatedBlock, TransformerBlock
+from sessa_pt.models.lm import LMHead, TokenEmbedding, masked_loss_sum, mean_loss
+from sessa_pt.models.mamba2 import Mamba2Mixer
 from sessa_pt.models.sessa import SessaMixer
 
 
@@ -218,10 +255,8 @@ class VocabParallelHead(nn.Module):
             _mark_partitioned(self.weight, 0)
 
     def forward(self, h: Tensor, embedding_weight: Tensor | None = None) -> Tensor:
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-        w = self.weight if self.weight is not None else embedding_weight
-        return F.linear(copy_to_tensor_model_parallel_region(self.norm(h)), w)
+        return vocab_logits(self.norm(h), self.weight if self.weight is not None
+                            else embedding_weight)
 
     def plain_state(self) -> dict[str, Tensor]:
         out = {f"norm.{k}": v.detach().clone() for k, v in self.norm.state_dict().items()}
@@ -230,30 +265,38 @@ class VocabParallelHead(nn.Module):
         return out
 
 
+def vocab_logits(h: Tensor, weight: Tensor) -> Tensor:
+    """Logits of normed hidden states against this rank's vocabulary rows (all rows at tp=1).
+    Under TP every rank's logits depend on all of ``h``: its gradient is summed over ranks."""
+    if dist.is_initialized() and _ps().model_parallel_is_initialized() \
+            and _ps().get_tensor_model_parallel_world_size() > 1:
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        h = copy_to_tensor_model_parallel_region(h)
+    return F.linear(h, weight)
+
+
 def vocab_parallel_lm_loss(logits: Tensor, labels: Tensor, loss_mask: Tensor | None = None
                            ) -> Tensor:
-    """lm_loss over vocab-parallel logits (B, T, V/tp)."""
+    """lm_loss over vocab-parallel logits (B, T, V/tp): megatron's per-token cross entropy,
+    reduced by the models' masked mean."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     ce = vocab_parallel_cross_entropy(logits.float(), labels)
-    if loss_mask is None:
-        return ce.mean()
-    m = loss_mask.to(ce.dtype)
-    return (ce * m).sum() / m.sum().clamp_min(1.0)
+    return mean_loss(*masked_loss_sum(ce, loss_mask))
 
 
-def _shard_sections(t: Tensor, sizes: list[int]) -> Tensor:
-    """This rank's piece of every section of dim 0 (sections laid end to end), concatenated."""
-    return torch.cat([_slice(part, 0) for part in t.split(sizes, dim=0)], dim=0)
+def _shard_sections(t: Tensor, sizes: list[int], dim: int = 0) -> Tensor:
+    """This rank's piece of every section of ``dim`` (sections laid end to end), concatenated."""
+    return torch.cat([_slice(part, dim) for part in t.split(sizes, dim=dim)], dim=dim)
 
 
-def _unshard_sections(local: Tensor, sizes: list[int]) -> Tensor:
+def _unshard_sections(local: Tensor, sizes: list[int], dim: int = 0) -> Tensor:
     """Inverse of _shard_sections over the TP group (collective)."""
-    ps = _ps()
-    n = ps.get_tensor_model_parallel_world_size()
-    ranks = _gather(local, 0).split(sum(sizes) // n, dim=0)        # each rank's local block
-    pieces = [r.split([s // n for s in sizes], dim=0) for r in ranks]
-    return torch.cat([torch.cat([p[i] for p in pieces], 0) for i in range(len(sizes))], 0)
+    n = _ps().get_tensor_model_parallel_world_size()
+    ranks = _gather(local, dim).split(sum(sizes) // n, dim=dim)   # each rank's local block
+    pieces = [r.split([s // n for s in sizes], dim=dim) for r in ranks]
+    return torch.cat([torch.cat([p[i] for p in pieces], dim) for i in range(len(sizes))], dim)
 
 
 class SectionColumnLinear(ColumnLinear):
@@ -279,95 +322,206 @@ class SectionColumnLinear(ColumnLinear):
         return out
 
 
-def _tp_mamba2(mixer, config) -> None:
-    from sessa_pt.models.mamba2 import Mamba2Mixer
 
-    n = _ps().get_tensor_model_parallel_world_size()
+# ---- the plan ---------------------------------------------------------------------------------
+
+def _tp_size() -> int:
+    return _ps().get_tensor_model_parallel_world_size()
+
+
+@dataclass(frozen=True)
+class TPSlice:
+    """How a sliced parameter was cut: along ``dim``, each of ``sections`` (None: the whole dim
+    is one section) split evenly over the TP ranks. ``plain_state_dict`` gathers by it."""
+
+    dim: int = 0
+    sections: tuple[int, ...] | None = None
+
+    def shard(self, full: Tensor) -> Tensor:
+        if self.sections is None:
+            return _slice(full, self.dim)
+        return _shard_sections(full, list(self.sections), self.dim)
+
+    def gather(self, local: Tensor) -> Tensor:
+        if self.sections is None:
+            return _gather(local, self.dim)
+        return _unshard_sections(local.detach(), list(self.sections), self.dim)
+
+
+class Rule:
+    """What the plan does to one attribute ``name`` of ``owner`` (a submodule, a parameter, a
+    hook point or a size)."""
+
+    def apply(self, owner: nn.Module, name: str, config) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Column(Rule):
+    sections: tuple[int, ...] | None = None
+
+    def apply(self, owner, name, config):
+        full = getattr(owner, name)
+        setattr(owner, name, ColumnLinear(full, config) if self.sections is None
+                else SectionColumnLinear(full, list(self.sections), config))
+
+
+@dataclass(frozen=True)
+class Row(Rule):
+    def apply(self, owner, name, config):
+        setattr(owner, name, RowLinear(getattr(owner, name), config))
+
+
+@dataclass(frozen=True)
+class GatedInProj(Rule):
+    def apply(self, owner, name, config):
+        setattr(owner, name, SplitInProj(getattr(owner, name), config))
+
+
+@dataclass(frozen=True)
+class Replicated(Rule):
+    def apply(self, owner, name, config):
+        if not hasattr(owner, name):
+            raise AttributeError(f"the TP plan lists {type(owner).__name__}.{name}, which does "
+                                 "not exist: update the plan with the model")
+
+
+@dataclass(frozen=True)
+class Sliced(Rule):
+    """A parameter replaced by this rank's slice (its flags such as ``_no_weight_decay`` and
+    ``_no_reinit`` kept), tagged with its :class:`TPSlice`."""
+
+    sections: tuple[int, ...] | None = None
+    dim: int = 0
+
+    def apply(self, owner, name, config):
+        full = getattr(owner, name)
+        how = TPSlice(self.dim, self.sections)
+        local = nn.Parameter(how.shard(full.detach()).clone(), requires_grad=full.requires_grad)
+        for flag in ("_no_weight_decay", "_no_reinit"):
+            if hasattr(full, flag):
+                setattr(local, flag, getattr(full, flag))
+        local._tp_slice = how
+        _mark_partitioned(local, self.dim)
+        setattr(owner, name, local)
+
+
+@dataclass(frozen=True)
+class LocalSize(Rule):
+    def apply(self, owner, name, config):
+        n, full = _tp_size(), getattr(owner, name)
+        if full % n:
+            raise ValueError(f"{type(owner).__name__}.{name}={full} is not divisible by tp={n}")
+        setattr(owner, name, full // n)
+
+
+@dataclass(frozen=True)
+class Hook(Rule):
+    make: Callable[[], nn.Module]
+
+    def apply(self, owner, name, config):
+        if not isinstance(getattr(owner, name), nn.Identity):
+            raise TypeError(f"{type(owner).__name__}.{name} is not an identity hook point "
+                             "(tensor parallelism applied twice?)")
+        setattr(owner, name, self.make())
+
+
+@dataclass(frozen=True)
+class VocabParallel(Rule):
+    """The whole stage: embedding or head with the vocabulary rows split."""
+
+
+Plan = list[tuple[str, Rule]]
+
+
+def _attention_plan(mixer: AttentionMixer) -> Plan:
+    if mixer.n_heads == 1:
+        raise ValueError("tensor parallelism needs n_heads > 1 (a single head cannot be split)")
+    return [("q_proj", Column()), ("k_proj", Column()), ("v_proj", Column()),
+            ("out_proj", Row())]
+
+
+def _sessa_plan(mixer: SessaMixer) -> Plan:
+    return _attention_plan(mixer) + [
+        ("f_to_local", Hook(ScatterToChannels)), ("proj_fb", Replicated()),
+        ("gamma_ctx", Replicated()), ("gamma_bias", Replicated()),
+        ("routing_grad_sync", Hook(SumGradsOverTP))]
+
+
+def _mamba2_plan(mixer: Mamba2Mixer) -> Plan:
+    n = _tp_size()
     E, G, N, H = mixer.d_inner, mixer.n_groups, mixer.d_state, mixer.n_heads
     if G % n or H % n:
         raise ValueError(f"mamba2 under tp={n} needs n_groups ({G}) and heads ({H}) divisible "
                          "by tp")
-    in_sizes, conv_sizes = [E, E, G * N, G * N, H], [E, G * N, G * N]
-    mixer.in_proj = SectionColumnLinear(mixer.in_proj, in_sizes, config)
-    conv = mixer.conv1d
-    local_conv = type(conv)(conv.in_channels // n, conv.out_channels // n, conv.kernel_size[0],
-                            groups=conv.groups // n, bias=conv.bias is not None)
-    with torch.no_grad():
-        local_conv.weight.copy_(_shard_sections(conv.weight, conv_sizes))
-        local_conv.bias.copy_(_shard_sections(conv.bias, conv_sizes))
-    mixer.conv1d = local_conv
-    for name in ("dt_bias", "A_log", "D_skip"):
-        p = getattr(mixer, name)
-        local = nn.Parameter(_slice(p.detach(), 0).clone())
-        local._no_weight_decay = True
-        setattr(mixer, name, local)
-    mixer.norm.weight = nn.Parameter(_slice(mixer.norm.weight.detach(), 0).clone())
-    mixer.norm.dim //= n
-    mixer.out_proj = RowLinear(mixer.out_proj, config)
-    mixer.d_inner, mixer.n_heads, mixer.n_groups = E // n, H // n, G // n
-    mixer.conv_dim //= n
-    for p in (mixer.conv1d.weight, mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, mixer.D_skip,
-              mixer.norm.weight):
-        _mark_partitioned(p, 0)
-    # Same module, plus the export that undoes the sharding (parameter names stay the plain ones).
-    mixer.__class__ = type("TPMamba2Mixer", (Mamba2Mixer,), {
-        "plain_state": _mamba2_plain_state, "_tp_sizes": (in_sizes, conv_sizes)})
+    conv = (E, G * N, G * N)
+    return [("in_proj", Column((E, E, G * N, G * N, H))),
+            ("conv1d.weight", Sliced(conv)), ("conv1d.bias", Sliced(conv)),
+            ("conv1d.in_channels", LocalSize()), ("conv1d.out_channels", LocalSize()),
+            ("conv1d.groups", LocalSize()),
+            ("dt_bias", Sliced()), ("A_log", Sliced()), ("D_skip", Sliced()),
+            ("norm.weight", Sliced()), ("norm.dim", LocalSize()),
+            ("out_proj", Row()),
+            ("d_inner", LocalSize()), ("n_heads", LocalSize()), ("n_groups", LocalSize()),
+            ("conv_dim", LocalSize())]
 
 
-def _mamba2_plain_state(self) -> dict[str, Tensor]:
-    _, conv_sizes = self._tp_sizes
-    out = {f"in_proj.{k}": v for k, v in self.in_proj.plain_state().items()}
-    out.update({f"out_proj.{k}": v for k, v in self.out_proj.plain_state().items()})
-    out["conv1d.weight"] = _unshard_sections(self.conv1d.weight, conv_sizes)
-    out["conv1d.bias"] = _unshard_sections(self.conv1d.bias, conv_sizes)
-    for name in ("dt_bias", "A_log", "D_skip"):
-        out[name] = _gather(getattr(self, name), 0)
-    out["norm.weight"] = _gather(self.norm.weight, 0)
-    return out
+def _mixer_plan(mixer: nn.Module) -> Plan:
+    # most specific type first: a SessaMixer is also an AttentionMixer
+    for kind, plan in ((SessaMixer, _sessa_plan), (AttentionMixer, _attention_plan),
+                       (Mamba2Mixer, _mamba2_plan)):
+        if isinstance(mixer, kind):
+            return plan(mixer)
+    raise TypeError(f"no tensor-parallel plan for the mixer {type(mixer).__name__}")
 
 
-# ---- applying the plan -----------------------------------------------------------------------
+def _prefixed(prefix: str, plan: Plan) -> Plan:
+    return [(f"{prefix}.{path}", rule) for path, rule in plan]
 
-def _tp_attention(mixer: AttentionMixer, config) -> None:
-    if mixer.n_heads == 1:
-        raise ValueError("tensor parallelism needs n_heads > 1 (a single head cannot be split)")
-    mixer.q_proj = ColumnLinear(mixer.q_proj, config)
-    mixer.k_proj = ColumnLinear(mixer.k_proj, config)
-    mixer.v_proj = ColumnLinear(mixer.v_proj, config)
-    mixer.out_proj = RowLinear(mixer.out_proj, config)
+
+def _gated_block_plan(block: GatedBlock) -> Plan:
+    plan = [("ln", Replicated()), ("W_in", GatedInProj())]
+    plan += _prefixed("mixer", _mixer_plan(block.mixer))
+    if not isinstance(block.mixer, SessaMixer):     # Sessa cuts its channels before the solve
+        plan.append(("mixer_out_to_local", Hook(ScatterToChannels)))
+    return plan + [("W_out", Row())]
+
+
+def _transformer_block_plan(block: TransformerBlock) -> Plan:
+    return ([("ln1", Replicated()), ("ln2", Replicated())]
+            + _prefixed("attn", _attention_plan(block.attn))
+            + [("mlp.w_gate", Column()), ("mlp.w_up", Column()), ("mlp.w_down", Row())])
+
+
+_STAGE_PLANS: tuple[tuple[type[nn.Module], Callable[[nn.Module], Plan]], ...] = (
+    (TokenEmbedding, lambda stage: [("", VocabParallel())]),
+    (LMHead, lambda stage: [("", VocabParallel())]),
+    (GatedBlock, _gated_block_plan),
+    (TransformerBlock, _transformer_block_plan),
+)
+
+
+def tp_plan(stage: nn.Module) -> Plan:
+    """The plan of one model stage: (attribute path, rule) pairs, applied in order. Calls the
+    TP group's size (the Mamba2 plan checks its groups divide it)."""
+    for kind, plan in _STAGE_PLANS:
+        if isinstance(stage, kind):
+            return plan(stage)
+    raise TypeError(f"no tensor-parallel plan for {type(stage).__name__}")
 
 
 def apply_tensor_parallel(stage: nn.Module, config) -> nn.Module:
-    """Convert one model stage (embedding, block or head) in place; returns it."""
-    if isinstance(stage, TokenEmbedding):
-        return VocabEmbedding(stage, config)
-    if isinstance(stage, LMHead):
-        return VocabParallelHead(stage, config)
-    if isinstance(stage, GatedBlock):
-        mixer = stage.mixer
-        if type(mixer).__name__ == "Mamba2Mixer":
-            _tp_mamba2(mixer, config)
-            stage.mixer_out_to_local = ScatterToChannels()
-        elif not isinstance(mixer, AttentionMixer):
-            raise TypeError(f"no tensor-parallel plan for {type(mixer).__name__}")
-        else:
-            _tp_attention(mixer, config)
-        if isinstance(mixer, SessaMixer):
-            mixer.f_to_local = ScatterToChannels()
-            mixer.routing_grad_sync = SumGradsOverTP()
-        elif isinstance(mixer, AttentionMixer):
-            stage.mixer_out_to_local = ScatterToChannels()
-        stage.W_in = SplitInProj(stage.W_in, config)
-        stage.W_out = RowLinear(stage.W_out, config)
-        return stage
-    if isinstance(stage, TransformerBlock):
-        _tp_attention(stage.attn, config)
-        mlp: SwiGLU = stage.mlp
-        mlp.w_gate = ColumnLinear(mlp.w_gate, config)
-        mlp.w_up = ColumnLinear(mlp.w_up, config)
-        mlp.w_down = RowLinear(mlp.w_down, config)
-        return stage
-    raise TypeError(f"no tensor-parallel plan for {type(stage).__name__}")
+    """Carry out ``tp_plan(stage)`` on one model stage (embedding, block or head), in place for
+    blocks; returns the converted stage."""
+    for path, rule in tp_plan(stage):
+        if isinstance(rule, VocabParallel):
+            if isinstance(stage, TokenEmbedding):
+                return VocabEmbedding(stage, config)
+            return VocabParallelHead(stage, config)
+        owner_path, _, name = path.rpartition(".")
+        owner = stage.get_submodule(owner_path) if owner_path else stage
+        rule.apply(owner, name, config)
+    return stage
 
 
 def plain_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
@@ -375,9 +529,13 @@ def plain_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     over the TP group: every TP rank must call it."""
     if hasattr(module, "plain_state"):
         return {prefix + k: v for k, v in module.plain_state().items()}
-    out = {prefix + k: v.detach().clone()
-           for k, v in list(module.named_parameters(recurse=False))
-           + list(module.named_buffers(recurse=False)) if v is not None}
+    out = {}
+    for k, v in (list(module.named_parameters(recurse=False))
+                 + list(module.named_buffers(recurse=False))):
+        if v is None:
+            continue
+        how = getattr(v, "_tp_slice", None)
+        out[prefix + k] = how.gather(v) if how is not None else v.detach().clone()
     for name, child in module.named_children():
         out.update(plain_state_dict(child, f"{prefix}{name}."))
     return out

@@ -172,3 +172,81 @@ def test_fused_linear_cross_entropy_equals_plain(dtype, tol):
     assert abs(out.item() - ref.item()) < tol
     assert torch.allclose(hf.grad.double(), 3 * hr.grad, atol=tol)
     assert torch.allclose(wf.grad.double(), 3 * wr.grad, atol=tol)
+
+
+def test_masked_loss_sum_adds_over_micro_batches_token_weighted():
+    """Sums and counts of two micro-batches give the mean over all their kept tokens, which
+    the mean of the two batch means is not (they keep 1 and 3 tokens)."""
+    from sessa_pt.models.lm import lm_loss, masked_loss_sum, mean_loss
+
+    ce_a, ce_b = torch.tensor([[1.0, 5.0]]), torch.tensor([[2.0, 4.0, 6.0, 8.0]])
+    m_a, m_b = torch.tensor([[1, 0]]), torch.tensor([[1, 1, 0, 1]])
+    (sa, na), (sb, nb) = masked_loss_sum(ce_a, m_a), masked_loss_sum(ce_b, m_b)
+    assert (sa.item(), na.item(), sb.item(), nb.item()) == (1.0, 1.0, 14.0, 3.0)
+    assert mean_loss(sa + sb, na + nb).item() == pytest.approx(15.0 / 4)
+    assert masked_loss_sum(ce_b)[1].item() == 4.0                    # no mask: all kept
+    assert mean_loss(*masked_loss_sum(ce_a, torch.zeros(1, 2))).item() == 0.0
+    with pytest.raises(ValueError, match="loss_mask has 2 positions"):
+        masked_loss_sum(ce_b, m_a)
+    logits, labels = torch.randn(2, 3, 7), torch.randint(0, 7, (2, 3))
+    mask = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    assert torch.allclose(lm_loss(logits, labels, mask), ce[mask.flatten().bool()].mean())
+
+
+def test_chunked_loss_sum_is_the_masked_sum():
+    from sessa_pt.models.lm import chunked_lm_loss_sum, masked_loss_sum
+
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(9, 6, generator=g, dtype=F64), torch.randn(11, 6, generator=g, dtype=F64)
+    y, mask = torch.randint(0, 11, (9,), generator=g), torch.rand(9, generator=g) > 0.4
+    want = masked_loss_sum(F.cross_entropy(F.linear(h, w), y, reduction="none"), mask)
+    got = chunked_lm_loss_sum(h, w, y, mask, chunk_tokens=4)
+    assert torch.allclose(got[0], want[0]) and got[1].item() == want[1].item()
+
+
+def test_accumulation_dtype():
+    from sessa_kernels.precision import accumulation_dtype
+
+    bf, f64 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1, dtype=F64)
+    assert accumulation_dtype(bf) == torch.float32
+    assert accumulation_dtype(bf, f64) == F64 and accumulation_dtype(torch.float64) == F64
+    with pytest.raises(ValueError):
+        accumulation_dtype()
+
+
+def test_init_tells_norms_by_module_type_not_by_name():
+    """A norm module under any name keeps its own init; a Linear whose name says 'norm' is
+    initialised like any Linear."""
+    from sessa_pt.models.lm import init_lm_weights
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.denorm = torch.nn.Linear(256, 256)
+            self.post = torch.nn.LayerNorm(8)
+
+    toy = Toy()
+    with torch.no_grad():
+        toy.post.weight.fill_(2.0)
+        toy.post.bias.fill_(0.5)
+    init_lm_weights(toy, ModelConfig(n_layers=2, init_std=0.02))
+    assert torch.all(toy.post.weight == 2.0) and torch.all(toy.post.bias == 0.5)
+    assert abs(toy.denorm.weight.std().item() - 0.02) < 0.002
+    assert torch.count_nonzero(toy.denorm.bias) == 0
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_sequential_lm_runs_the_decoder_forward(chunk):
+    """SequentialLM (tp=1, pp=1) and DecoderLM are one forward: the same logits and loss."""
+    from sessa_pt.parallel.model import SequentialLM
+    from sessa_pt.parallel.topology import ParallelLayout
+
+    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2).validate()
+    ref = DecoderLM(cfg, seed=1)
+    ref.loss_chunk_tokens = chunk
+    seq = SequentialLM(cfg, 1, ParallelLayout(1, 0, 1, 1, 1, 0, 0, 0), loss_chunk_tokens=chunk)
+    ids, labels = torch.randint(0, 50, (2, 7)), torch.randint(0, 50, (2, 7))
+    mask = torch.rand(2, 7) > 0.5
+    assert torch.equal(seq.logits(ids), ref(ids))
+    assert torch.allclose(seq(ids, labels, mask), ref(ids, labels, mask), atol=1e-6)
