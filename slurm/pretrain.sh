@@ -36,7 +36,7 @@
 #   - Stop and requeue: on SIGUSR1 (sent by Slurm 120 s before the time limit, --signal=B:USR1@120,
 #     or by hand: scancel --signal=USR1 --batch JOBID) or SIGTERM, the script touches
 #     <run.dir>/STOP; the trainer then saves a checkpoint at the next step boundary, writes
-#     status "preempted" and exits 0. If the run is not finished and a stop was requested, the
+#     status "stopped" and exits 0. If the run is not finished and a stop was requested, the
 #     script requeues its own job (scontrol requeue, needs --requeue), and the requeued job
 #     resumes. SIGTERM is best effort: Slurm also sends it to the training processes and kills
 #     everything KillWait (default 30 s) later, so rely on the USR1 warning for time limits, and
@@ -232,7 +232,7 @@ case $state in
     rm -f "$STOP_FILE"   # a stop that arrived after the last step is moot
     log "run finished: $RUN_DIR"
     exit 0 ;;
-  preempted)
+  stopped)
     if [ -n "$STOP_REQUESTED" ]; then
       log "checkpoint saved after SIG$STOP_REQUESTED; requeueing job $SLURM_JOB_ID to resume"
       if scontrol requeue "$SLURM_JOB_ID"; then

@@ -16,18 +16,7 @@ export PYTHONUNBUFFERED=1
 BENCH=kernels/benchmarks
 T0=$(date +%s)
 
-part() {  # part NAME SECONDS CMD...: run CMD under timeout, log to OUT_DIR/NAME.log
-    local name=$1 limit=$2
-    shift 2
-    echo
-    echo "=== $name (limit ${limit} s, at $(( $(date +%s) - T0 )) s) ==="
-    timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
-    local rc=$?
-    grep '^{' "$OUT_DIR/$name.log" >"$OUT_DIR/$name.jsonl" 2>/dev/null || rm -f "$OUT_DIR/$name.jsonl"
-    grep -v '^{' "$OUT_DIR/$name.log" | tail -n "${TAIL:-60}"
-    echo "=== $name: exit $rc$([ $rc = 124 ] || [ $rc = 137 ] && echo ' (TIME LIMIT)') ==="
-    echo "$name $rc" >>"$OUT_DIR/status.txt"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/parts.sh"
 
 : >"$OUT_DIR/status.txt"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,memory.used --format=csv \

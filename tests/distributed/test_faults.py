@@ -51,7 +51,9 @@ def _free_port() -> int:
 
 
 def _model_finite(ckpt_dir: Path) -> bool:
-    state = torch.load(ckpt_dir / "model.pt", weights_only=True)
+    from sessa_pt.train.checkpoint import read_plain_state
+
+    state = read_plain_state(ckpt_dir)
     return all(bool(torch.isfinite(v).all()) for v in state.values())
 
 

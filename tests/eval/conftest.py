@@ -5,16 +5,14 @@ and text shards for perplexity and passkey, and checkpoints written in the train
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from sessa_pt.config import load_config, to_dict
 from sessa_pt.models.lm import DecoderLM
+from tests.single_process_run import train_single_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -48,18 +46,13 @@ def trained_run(symbolsoup: pathlib.Path, tmp_path_factory: pytest.TempPathFacto
     """A real 2-step training run of the symbolsoup Sessa recipe (shrunk) on CPU."""
     base = tmp_path_factory.mktemp("trained")
     run_dir, uri = base / "run", f"sqlite:///{base}/mlflow.db"
-    cmd = [sys.executable, "-m", "sessa_pt.train", "recipes/symbolsoup/sessa.yaml",
-           "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.sessa.impl=chunked",
-           f"data.train={symbolsoup}/train/manifest.json",
-           f"data.valid={symbolsoup}/valid/manifest.json", "data.seq_len=100",
-           "data.num_workers=0", "train.steps=2", "train.micro_batch_size=4",
-           "train.global_batch_size=4", "eval.max_batches=2", "checkpoint.every=0",
-           f"run.dir={run_dir}", f"tracking.uri={uri}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = train_single_process(
+        ["recipes/symbolsoup/sessa.yaml", "model.d_model=32", "model.n_layers=2",
+         "model.n_heads=2", "model.sessa.impl=chunked",
+         f"data.train={symbolsoup}/train/manifest.json",
+         f"data.valid={symbolsoup}/valid/manifest.json", "data.seq_len=100",
+         "data.num_workers=0", "train.steps=2", "train.micro_batch_size=4",
+         "train.global_batch_size=4", "eval.max_batches=2", "checkpoint.every=0"], run_dir, uri)
     return {"run_dir": str(run_dir), "uri": uri, "run_id": summary["mlflow_run_id"],
             "checkpoint": summary["checkpoint"], "data": str(symbolsoup)}
 

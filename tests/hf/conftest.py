@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -18,6 +16,7 @@ import yaml
 
 from sessa_pt.config import load_config, to_dict
 from sessa_pt.models.lm import DecoderLM
+from tests.single_process_run import train_single_process
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -102,15 +101,9 @@ def trained_text_run(text_run, tmp_path_factory) -> dict[str, str]:
     text shards, with its mlflow run."""
     base = tmp_path_factory.mktemp("hftrained")
     run_dir, uri = base / "run", f"sqlite:///{base}/mlflow.db"
-    cmd = [sys.executable, "-m", "sessa_pt.train", "recipes/tiny/sessa.yaml",
-           *FAMILIES["sessa"], "model.vocab_size=512",
-           f"data.train={text_run['train']}", f"data.valid={text_run['valid']}",
-           "data.seq_len=64", "data.num_workers=0", "train.steps=3", "train.micro_batch_size=4",
-           "train.global_batch_size=4", "eval.max_batches=1", "checkpoint.every=0",
-           f"run.dir={run_dir}", f"tracking.uri={uri}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true")
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = train_single_process(
+        ["recipes/tiny/sessa.yaml", *FAMILIES["sessa"], "model.vocab_size=512",
+         f"data.train={text_run['train']}", f"data.valid={text_run['valid']}",
+         "data.seq_len=64", "data.num_workers=0", "train.steps=3", "train.micro_batch_size=4",
+         "train.global_batch_size=4", "eval.max_batches=1", "checkpoint.every=0"], run_dir, uri)
     return {"run_dir": str(run_dir), "uri": uri, "run_id": summary["mlflow_run_id"]}
