@@ -72,7 +72,7 @@ fi
 train_part() {
     local data=$OUT_DIR/soup$SEQ runs=$OUT_DIR/runs$SEQ
     python3 -m sessa_data.cli symbolsoup --out "$data" --min-len $((SEQ - 8)) --max-len "$SEQ" \
-        --seq-len "$SEQ" --train 1024 --valid 0 --test 0 --workers 8 >/dev/null || return 1
+        --seq-len "$SEQ" --train $(( SEQ > 4096 ? 64 : 1024 )) --valid 0 --test 0 --workers 8 >/dev/null || return 1
     # shellcheck disable=SC2206
     local common=(data.train=$data/train/manifest.json "data.valid=''" data.seq_len=$SEQ
         data.num_workers=2 train.steps=$STEPS train.log_every=1 optim.warmup_steps=2
@@ -98,6 +98,7 @@ train_part() {
     else                           # long context (PARTS=train_long, SEQ=16384): micro batch 1
         run sessa_c_mb1 sessa 1 train.compile=true
         run tf_c_mb1 transformer 1 train.compile=true
+        run m2_c_mb1 mamba2 1 train.compile=true model.mamba2.impl=triton
         run sessa_c_mb1_ckpt sessa 1 train.compile=true train.activation_checkpointing=blocks
         run sessa_c_mb2_ckpt sessa 2 train.compile=true train.activation_checkpointing=blocks
     fi
