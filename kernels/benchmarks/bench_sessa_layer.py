@@ -98,6 +98,9 @@ def bench_layers(seqs: list[int], impls: list[str], limits: dict[str, int]) -> l
             if T > limits.get(impl, 1 << 30):
                 row["status"] = "skipped"
             else:
+                # every (T, grad mode) is a recompile of the one block class: start afresh so
+                # that dynamo's recompile limit never sends a later row to eager mode
+                torch._dynamo.reset()
                 block = make_block(impl)
                 try:
                     row["ms"], row["gib"] = time_fwd_bwd(block, B, T)

@@ -13,7 +13,8 @@
 # eager, compiled, compiled + activation checkpointing; ~2 minutes) and "train_long" (the same
 # recipes at T=16384, micro batch 1-2; a call of its own) are extra. Each part runs
 # under its own time limit (TESTS_S, LAYERS_S, TRAIN_S, TESTS_TRAIN_S; each training run
-# RUN_S), so one failure or hang cannot lose the rest. RECIPES (default recipes/m125), SEQ
+# RUN_S), so one failure or hang cannot lose the rest. ONLY (run names) keeps only those
+# training runs, TESTS_K replaces the tests part's -k filter. RECIPES (default recipes/m125), SEQ
 # (2048) and EXTRA (overrides for every training run) exist for dry runs of the plumbing. Tables are printed last and written to
 # OUT_DIR (*.md); logs, JSON rows and profiles stay there too; status.txt has exit codes.
 set -u
@@ -23,7 +24,7 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 MLFLOW_ALLOW_FILE_STORE=true
 export MLFLOW_DISABLE_TELEMETRY=true NCCL_NVLS_ENABLE=0
 : "${PARTS:=tests layers train}" "${TESTS_S:=90}" "${LAYERS_S:=90}" "${TRAIN_S:=340}"
 : "${TESTS_TRAIN_S:=150}" "${RUN_S:=80}" "${STEPS:=10}" "${RECIPES:=recipes/m125}"
-: "${SEQ:=2048}" "${EXTRA:=}"
+: "${SEQ:=2048}" "${EXTRA:=}" "${ONLY:=}"
 BENCH=kernels/benchmarks
 T0=$(date +%s)
 
@@ -51,7 +52,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if want tests; then
     part tests "$TESTS_S" python3 -m pytest -m gpu -q -s -rfE -p no:cacheprovider \
         kernels/tests/test_triton_gpu.py kernels/tests/test_decode.py \
-        -k "compiled or chunk_sizes or strided or cuda_graph or opcheck or B2-T63 or B1-T4096"
+        -k "${TESTS_K:-compiled or chunk_sizes or strided or cuda_graph or opcheck or B2-T63 or B1-T4096}"
 fi
 if want tests_train; then
     part tests_train "$TESTS_TRAIN_S" python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
@@ -80,6 +81,7 @@ train_part() {
     run() {  # name recipe micro_batch overrides...
         local name=$1 recipe=$2 mb=$3
         shift 3
+        [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && return
         echo "--- $name (at $(( $(date +%s) - T0 )) s)"
         timeout --kill-after=5 "$RUN_S" torchrun --standalone --nproc_per_node 1 \
             -m sessa_pt.train "$RECIPES/$recipe.yaml" "${common[@]}" \
@@ -95,6 +97,7 @@ train_part() {
         run sessa_eager_mb16 sessa 16
         run sessa_c_mb16_ckpt sessa 16 train.compile=true train.activation_checkpointing=blocks
         run sessa_c_mb32 sessa 32 train.compile=true
+        run m2_c_mb16 mamba2 16 train.compile=true model.mamba2.impl=triton
     else                           # long context (PARTS=train_long, SEQ=16384): micro batch 1
         run sessa_c_mb1 sessa 1 train.compile=true
         run tf_c_mb1 transformer 1 train.compile=true
@@ -115,7 +118,7 @@ train_part() {
             | tee "$OUT_DIR/profile_gemms.txt" | head -n 20
     fi
 }
-export OUT_DIR RUN_S STEPS T0 RECIPES SEQ EXTRA
+export OUT_DIR RUN_S STEPS T0 RECIPES SEQ EXTRA ONLY
 if want train; then
     TAIL=60 part train "$TRAIN_S" bash -c "$(declare -f train_part); train_part"
 fi

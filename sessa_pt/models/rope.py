@@ -6,17 +6,21 @@ of position 2048 is off by several radians (docs/model.md §7, pitfall 3).
 cos and sin come from a table of (positions, d/2) float32 values cached per (head_dim, base,
 device), grown to the next power of two when a longer sequence arrives. Without it, a compiled
 block inlines pow/cos/sin into the rotation kernel and evaluates them once per element of q and
-k (B x T x H x d) instead of once per (T, d/2). The cache is a module-level dict: under
-torch.compile the first trace builds the table in its graph and stores it; later traces (every
-other block: instances share the compiled code) read it as a constant input, so the rotation is
-a memory-bound kernel. The table holds exactly the values the per-call computation gives.
+k (B x T x H x d) instead of once per (T, d/2). The cache is a module-level dict; a compiled
+block reads the table as a constant input, so the rotation is a memory-bound kernel. The table
+holds exactly the values the per-call computation gives.
+
+Build the tables before a compiled block is first traced (:func:`build_tables`; the training
+stages do): a trace that builds the table inside its graph differs from every later trace,
+which reads it, and activation checkpointing's recompute of the first step would then save
+other tensors than its forward did (torch.utils.checkpoint.CheckpointError).
 """
 
 from __future__ import annotations
 
 import torch
 from sessa_kernels.precision import accumulation_dtype
-from torch import Tensor
+from torch import Tensor, nn
 
 # (head_dim, base, device, dtype) -> (cos, sin), each (capacity, head_dim / 2)
 _TABLES: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -42,6 +46,19 @@ def rope_table(length: int, head_dim: int, base: float = 10000.0, device=None,
         table = (angles.cos(), angles.sin())
         _TABLES[key] = table
     return table
+
+
+def rotary_specs(module: nn.Module) -> list[tuple[int, float]]:
+    """(head_dim, base) of every rotary attention under ``module``."""
+    return sorted({(m.head_dim, float(m.rope_base)) for m in module.modules()
+                   if getattr(m, "use_rope", False)})
+
+
+def build_tables(specs: list[tuple[int, float]], x: Tensor) -> None:
+    """Make the tables of ``specs`` (from :func:`rotary_specs`) that the attention layers fed
+    with the hidden states ``x`` (B, T, D) will read, in eager mode."""
+    for head_dim, base in specs:
+        rope_table(x.shape[1], head_dim, base, x.device, accumulation_dtype(x))
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

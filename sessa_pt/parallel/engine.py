@@ -53,8 +53,34 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": aligned_order(decay), "weight_decay": weight_decay},
+            {"params": aligned_order(no_decay), "weight_decay": 0.0}]
+
+
+# DeepSpeed's ZeRO-1/2 and bf16 optimizers pack each param group into one flat buffer and make
+# every parameter a view of it at the running offset (stage_1_and_2._update_model_bit16_weights,
+# bf16_optimizer._update_storage_to_flattened_tensor), with no padding between parameters by
+# default. One parameter whose size is not a multiple of 8 bf16 elements (Sessa's 1-element
+# gamma_bias, Mamba2's per-head dt_bias / A_log / D_skip) shifts every later one off 16-byte
+# alignment: cuBLAS then falls back to its alignment-1 kernels (a 12.5% slice of the Sessa
+# step) or, under inductor, fails with "misaligned address" (Mamba2 m125, train.compile=true).
+ALIGN_ELEMENTS = 8
+
+
+def aligned_order(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """``params`` with those of a size that is a multiple of ALIGN_ELEMENTS first (in model
+    order), the rest after them: packed in this order, every parameter of the first kind
+    starts 16-byte aligned. The order changes no numerics of AdamW."""
+    return ([p for p in params if p.numel() % ALIGN_ELEMENTS == 0]
+            + [p for p in params if p.numel() % ALIGN_ELEMENTS])
+
+
+def misaligned_parameters(model: nn.Module) -> list[str]:
+    """Names of parameters whose size is a multiple of ALIGN_ELEMENTS but whose storage does
+    not start on a 16-byte boundary (ZeRO-3's gathered parameters are not checked)."""
+    return [n for n, p in model.named_parameters()
+            if p.numel() and p.numel() % ALIGN_ELEMENTS == 0
+            and not hasattr(p, "ds_id") and p.data_ptr() % 16]
 
 
 def lr_lambda(cfg: Config):
@@ -93,4 +119,11 @@ def build_engine(model: nn.Module, cfg: Config, dp: int, cuda: bool, mpu=None,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, dp, cuda), mpu=mpu)
+    bad = misaligned_parameters(model)
+    if bad:
+        raise RuntimeError(
+            f"{len(bad)} parameters start off a 16-byte boundary after DeepSpeed packed them "
+            f"(first: {bad[0]}); cuBLAS would run its slow alignment-1 kernels and compiled "
+            "GEMMs can fault. sessa_pt.parallel.engine.aligned_order should prevent this: "
+            "report the model and layout")
     return engine

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sessa_pt.models.config import ModelConfig
 from sessa_pt.models.lm import build_stage, lm_forward, lm_loss
+from sessa_pt.models.rope import build_tables, rotary_specs
 from sessa_pt.parallel.tensor_parallel import (
     apply_tensor_parallel,
     megatron_config,
@@ -48,9 +49,11 @@ class Stage(nn.Module):
         if compile_blocks and is_block:
             object.__setattr__(self, "_compiled", torch.compile(module))
         self.checkpoint = checkpoint_blocks and is_block
+        self._rotary = rotary_specs(module) if self._compiled is not None else []
 
     def forward(self, x: Tensor) -> Tensor:
         run = self.m if self._compiled is None else self._compiled
+        build_tables(self._rotary, x)       # outside the compiled graph (models/rope.py)
         if self.checkpoint and torch.is_grad_enabled():
             # Activation checkpointing: keep only the block's input; the backward reruns the
             # (compiled) block. Non-reentrant, so it composes with torch.compile, TP

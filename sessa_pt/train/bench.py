@@ -11,6 +11,7 @@ import argparse
 import json
 import pathlib
 import statistics
+import sys
 
 import yaml
 
@@ -38,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="add a column: tokens/s over the run whose name is this one's with its "
                          "last '_' part replaced by SUFFIX (e.g. _dp1: sessa_dp2 vs sessa_dp1)")
     args = ap.parse_args(argv)
-    rows = [summarise(r, args.skip) for r in args.runs]
+    logged = [r for r in args.runs if (r / "train_log.jsonl").is_file()]
+    for r in sorted(set(args.runs) - set(logged)):
+        print(f"(no steps logged by {r}: left out)", file=sys.stderr)
+    if not logged:
+        print("no run logged a step", file=sys.stderr)
+        return 1
+    rows = [summarise(r, args.skip) for r in logged]
     if args.speedup_vs:
         tps = {r["run"]: r["tokens/s"] for r in rows}
         for r in rows:

@@ -212,8 +212,13 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_activation_checkpointing_with_compiled_blocks() -> None:
+    """Also from a cold RoPE cache: a first trace that built the table inside its graph saved
+    other tensors than the recompute's trace (which reads it), a CheckpointError on the GPU."""
+    from sessa_pt.models import rope
+
     torch._dynamo.reset()
     loss, grads, _ = _stage_grads(False, dtype=torch.float32)
+    rope._TABLES.clear()
     loss_c, grads_c, _ = _stage_grads(True, compile_blocks=True, dtype=torch.float32)
     assert torch.allclose(loss, loss_c, atol=1e-5)
     for name, g in grads.items():
