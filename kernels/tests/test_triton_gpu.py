@@ -141,7 +141,7 @@ def test_compiled_sessa_block_matches_eager_bf16(solve: str) -> None:
     dy = torch.randn(4, 512, 256, generator=gen).cuda().bfloat16()
 
     def run(module, dtype):
-        xi = x.to(dtype).requires_grad_()
+        xi = x.detach().to(dtype).clone().requires_grad_()    # a fresh leaf per run
         y = module(xi)
         y.backward(dy.to(dtype))
         out = [y.detach(), xi.grad] + [p.grad.clone() for p in module.parameters()]
