@@ -5,11 +5,14 @@
 #
 #   sessa_pt/experiments/gpu_call.sh EXPERIMENT PHASE [extra options of the experiment]
 #     EXPERIMENT: symbolsoup | symbolsoup2048 | mqar | lm
-#     PHASE:      sweep (lr sweep, choice on the validation split) | seeds (final runs)
+#     PHASE:      sweep (lr sweep, choice on the validation split) | seeds (final runs) |
+#                 all (the sweep on a short budget, then the seeds at its choice: one call
+#                 per experiment)
 #
 # Environment (all optional):
-#   TRAIN_MINUTES  per-run training cap (default 4.0; the trainer stops at it and the results
-#                  mark the run "stopped")
+#   TRAIN_MINUTES  per-run training cap (default 4.0, 3.5 with PHASE=all; the trainer stops at
+#                  it and the results mark the run "stopped")
+#   SWEEP_MINUTES  per-run cap of the sweep runs (default TRAIN_MINUTES, 1.5 with PHASE=all)
 #   VARIANTS       comma-separated models of this call (default: all of the experiment), e.g.
 #                  VARIANTS=sessa to give one model's three seeds a whole call
 #   SESSA_GIT_COMMIT  the commit of the tree (the GPU machine has no .git to ask)
@@ -20,9 +23,9 @@
 #
 # Needs on the GPU machine: .whl/ (kernels/benchmarks/gpu_wheels.sh) and, for lm, data/lm_table2/raw.tar.xz
 # and data/lm_table2/tok/ (prepared on the CPU machine: sessa_pt/experiments/lm.py says how).
-# Files under $OUT: choice.json (sweep) or summary.json + RESULTS.md + report.md + the report's
-# PNGs (seeds), runs.tar.gz (every log, eval/memory-tail JSON, run summary and the mlflow store)
-# and call.txt (wall times of the call's steps).
+# Files under $OUT (at most 8 come back): choice.json (sweep), summary.json + RESULTS.md
+# (seeds), runs.tar.gz (every log, eval/memory-tail JSON, run summary, the comparison report
+# with its PNGs and the mlflow stores) and call.txt (wall times of the call's steps).
 set -uo pipefail
 exp=${1:?usage: gpu_call.sh EXPERIMENT PHASE [options]}
 phase=${2:?usage: gpu_call.sh EXPERIMENT PHASE [options]}
@@ -34,7 +37,7 @@ case $exp in
   lm) name=lm_table2 ;;
   *) echo "unknown experiment $exp: symbolsoup | symbolsoup2048 | mqar | lm" >&2; exit 2 ;;
 esac
-case $phase in sweep|seeds) ;; *) echo "PHASE must be sweep or seeds, got $phase" >&2; exit 2 ;; esac
+case $phase in sweep|seeds|all) ;; *) echo "PHASE must be sweep, seeds or all, got $phase" >&2; exit 2 ;; esac
 : "${OUT:?set OUT to the folder whose files come back}"
 t0=$(date +%s)
 stamp() { echo "$1 $(( $(date +%s) - t0 )) s" | tee -a "$OUT/call.txt"; }
@@ -54,8 +57,9 @@ export TORCH_CUDA_ARCH_LIST=9.0
 stamp "installed wheels:"
 
 work=${WORK:-/tmp/exp}
-args=(--gpus 0 --out $work/$name --minutes "${TRAIN_MINUTES:-4.0}"
-      --sweep-minutes "${TRAIN_MINUTES:-4.0}")
+if [[ $phase == all ]]; then : "${TRAIN_MINUTES:=3.5}" "${SWEEP_MINUTES:=1.5}"; fi
+: "${TRAIN_MINUTES:=4.0}" "${SWEEP_MINUTES:=$TRAIN_MINUTES}"
+args=(--gpus 0 --out $work/$name --minutes "$TRAIN_MINUTES" --sweep-minutes "$SWEEP_MINUTES")
 [[ -n ${VARIANTS:-} ]] && args+=(--variants "$VARIANTS")
 n_variants=$($PY - "$exp" "${VARIANTS:-}" <<'EOF'
 import sys
@@ -73,20 +77,20 @@ $PY -m sessa_pt.experiments "$exp" "$phase" "${args[@]}" "$@" > "$OUT/driver.log
 code=$?
 stamp "phase $phase (exit $code):"
 
-d=$work/$name/$phase
-if [[ $phase == sweep ]]; then
-  cp "$d/choice.json" "$OUT/" 2>/dev/null
-else
-  cp "$d/summary.json" "$d/RESULTS.md" "$OUT/" 2>/dev/null
-  cp "$d/report/report.md" "$d"/report/*.png "$OUT/" 2>/dev/null
+d=$work/$name
+[[ $phase != seeds ]] && cp "$d/sweep/choice.json" "$OUT/" 2>/dev/null
+if [[ $phase != sweep ]]; then
+  cp "$d/seeds/summary.json" "$d/seeds/RESULTS.md" "$OUT/" 2>/dev/null
 fi
-# Everything else (logs, JSONs, run summaries, mlflow store; no checkpoints) in one tarball.
-if [[ -d $d ]]; then
+# Everything else (logs, JSONs, run summaries, mlflow stores; no checkpoints, no data) in one
+# tarball.
+if [[ -d $d/sweep || -d $d/seeds ]]; then
   mv "$OUT/driver.log" "$d/"
-  tar -C "$d" -czf "$OUT/runs.tar.gz" --exclude='checkpoints' --exclude='*.pt' .
+  tar -C "$d" -czf "$OUT/runs.tar.gz" --exclude='checkpoints' --exclude='*.pt' \
+    --exclude='./data' --exclude='*.safetensors' driver.log $(cd "$d" && ls -d sweep seeds 2>/dev/null)
   log=$d/driver.log
 else
-  log=$OUT/driver.log     # the phase never started: its log is what comes back
+  log=$OUT/driver.log     # no phase started: its log is what comes back
 fi
 stamp "packed:"
 ls -la "$OUT"

@@ -1,6 +1,6 @@
 """End to end on CPU (slow: real training processes): the GPU call script with ``--smoke``
-(no wheel install), the sweep then the seeds phase reading the sweep's choice, through the
-publish step into results/ and RESULTS.md."""
+(no wheel install): sweep and seeds in one call, then a seeds phase reading that call's choice,
+through the publish step into results/ and RESULTS.md."""
 
 from __future__ import annotations
 
@@ -30,10 +30,15 @@ def _call(tmp: pathlib.Path, out: str, *args: str) -> pathlib.Path:
 
 @pytest.mark.slow
 def test_lm_gpu_call_sweep_then_seeds_on_cpu(tmp_path: pathlib.Path) -> None:
-    sweep = _call(tmp_path, "sweep", "sweep", "--smoke", "--lrs", "1e-3,3e-3")
-    assert {p.name for p in sweep.iterdir()} == {"choice.json", "runs.tar.gz", "call.txt"}
+    # PHASE=all, as on the GPU: the sweep, then the seeds at its choice, in one call
+    sweep = _call(tmp_path, "sweep", "all", "--smoke", "--lrs", "1e-3,3e-3", "--seeds", "1")
+    assert {p.name for p in sweep.iterdir()} == {"choice.json", "summary.json", "RESULTS.md",
+                                                 "runs.tar.gz", "call.txt"}
     choice = json.loads((sweep / "choice.json").read_text())
     assert set(choice["chosen"]) == {"sessa_nofb"} and choice["split"] == "valid"
+    first = json.loads((sweep / "summary.json").read_text())["runs"]
+    assert [(r["seed"], r["lr"]) for r in first] == [(1, choice["chosen"]["sessa_nofb"])]
+    # a seeds-only call on another machine, from that call's choice.json
     seeds = _call(tmp_path, "seeds", "seeds", "--smoke", "--seeds", "1,2", "--choice",
                   str(sweep / "choice.json"))
     files = {p.name for p in seeds.iterdir()}
