@@ -17,11 +17,11 @@ flag, acquire) and publishes its own chunk (release) when solved. The in-chunk s
   dtype, the values the backward reads).
 * ``bwd_solve``: the adjoint solve in reverse time, ``u = (I - B)^{-T} ds`` (= df), and
   ``dgamma_t = <u_t, r_t>`` (atomic sum over channel blocks; from u as stored). Both keep
-  ``sum_j dlogit[t, j] = 0`` for the rounded u and s that ``bwd_dqdk_pairs`` multiplies
+  ``sum_j dlogit[t, j] = 0`` for the rounded u and s that ``bwd_dlogit_panel`` multiplies
   (kernels/NOTES.md, "Panel precision").
-* ``bwd_dqdk_pairs``: the softmax backward, ``dlogit = alpha * gamma * (u s^T - dgamma)``,
-  fully parallel: one program per (row chunk, column chunk) pair forms the dlogit tile once
-  and adds its products into dq and dk by float32 atomics.
+* ``bwd_dlogit_panel``: the softmax backward, ``dlogit = alpha * gamma * (u s^T - dgamma)``,
+  fully parallel, one tile per program, into a panel of rows in the input dtype; dq and dk
+  are then dense products of the panel (cuBLAS), without atomics.
 """
 
 from __future__ import annotations
@@ -209,24 +209,29 @@ def bwd_solve(Q, K, G, DS, U, R, LSE, DG, FLAGS, COUNTER, T, B, n_chunks, scale_
 
 
 @triton.jit
-def bwd_dqdk_pairs(Q, K, G, U, S, LSE, DG, DQ, DKK, T, scale_log2, scale,
-                   DK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                   BKO: tl.constexpr):
-    """Program (row chunk r, column chunk c <= r, batch): dlogit for the tile pair computed
-    once (contractions over DK and D), then all DK output columns of dq[r] and dk[c] by
-    float32 atomic adds (products in tf32 on the float32 dlogit, for accuracy)."""
-    r = tl.program_id(0)
+def bwd_dlogit_panel(Q, K, G, U, S, LSE, DG, P, T, row0, W, T_PAD, scale_log2, scale,
+                     DK: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Program (row chunk i of the panel, column chunk c, batch): the softmax backward tile
+    ``dlogit = alpha * gamma * scale * (u s^T - dgamma)`` of rows ``row0 + i*BM ..`` against
+    columns ``c*BM ..``, computed in float32 (contractions over DK and D) and stored into the
+    panel P (B, W, T_PAD) in P's dtype. Tiles above the diagonal, padded rows and padded
+    columns are zeros, so dq and dk are two dense products of the panel (``dq = P k``,
+    ``dk = P^T q``) that cuBLAS runs on the tensor cores."""
+    i = tl.program_id(0)
     c = tl.program_id(1)
-    if c <= r:
-        b = tl.program_id(2).to(tl.int64)
-        q_ptr = Q + b * T * DK
-        k_ptr = K + b * T * DK
-        ar = tl.arange(0, BM)
+    b = tl.program_id(2).to(tl.int64)
+    r = row0 // BM + i
+    ar = tl.arange(0, BM)
+    out = P + b * W * T_PAD + (i * BM + ar)[:, None] * T_PAD + (c * BM + ar)[None, :]
+    if c > r:
+        tl.store(out, tl.zeros([BM, BM], dtype=tl.float32).to(P.dtype.element_ty))
+    else:
         offs_m = r * BM + ar
         offs_n = c * BM + ar
         rmask = offs_m < T
         nmask = offs_n < T
-        sc = _scores(q_ptr, k_ptr, r * BM, c * BM, T, DK, BM, BM, BK) * scale_log2
+        sc = _scores(Q + b * T * DK, K + b * T * DK, r * BM, c * BM, T, DK, BM, BM, BK) \
+            * scale_log2
         lse = tl.load(LSE + b * T + offs_m, mask=rmask, other=float("inf"))
         strict = (offs_n[None, :] < offs_m[:, None]) & nmask[None, :]
         p = tl.where(strict, tl.exp2(sc - lse[:, None]), 0.0)
@@ -234,15 +239,4 @@ def bwd_dqdk_pairs(Q, K, G, U, S, LSE, DG, DQ, DKK, T, scale_log2, scale,
         g = tl.load(G + b * T + offs_m, mask=rmask, other=0.0).to(tl.float32)
         dg = tl.load(DG + b * T + offs_m, mask=rmask, other=0.0)
         dl = p * (g * scale)[:, None] * (gu - dg[:, None])
-        dl_t = tl.trans(dl)
-        for k0 in range(0, DK, BKO):
-            ko = k0 + tl.arange(0, BKO)
-            kmask = ko[None, :] < DK
-            kv = tl.load(k_ptr + offs_n[:, None] * DK + ko[None, :],
-                         mask=nmask[:, None] & kmask, other=0.0).to(tl.float32)
-            tl.atomic_add(DQ + b * T * DK + offs_m[:, None] * DK + ko[None, :],
-                          tl.dot(dl, kv), mask=rmask[:, None] & kmask, sem="relaxed")
-            qv = tl.load(q_ptr + offs_m[:, None] * DK + ko[None, :],
-                         mask=rmask[:, None] & kmask, other=0.0).to(tl.float32)
-            tl.atomic_add(DKK + b * T * DK + offs_n[:, None] * DK + ko[None, :],
-                          tl.dot(dl_t, qv), mask=nmask[:, None] & kmask, sem="relaxed")
+        tl.store(out, dl.to(P.dtype.element_ty))

@@ -5,7 +5,7 @@
 ``sessa_pt.models.feedback.feedback_dense``, without a T x T tensor: the routing scores, the
 normaliser over the strict past, gamma and the blocked solve are fused (``_fb_kernels``,
 ``_fb_panel_kernels``); the backward is the adjoint solve in reverse time (which also gives
-dgamma) and one softmax-backward kernel for dq and dk (``bwd_dqdk_pairs``). Operands of the
+dgamma) and the softmax backward for dq and dk (``bwd_dlogit_panel``, then two GEMMs). Operands of the
 matrix products are in the input dtype (bf16 in training), accumulation and the in-chunk
 solves in float32. Saved for backward: q_b, k_b, gamma, s and, in float32, the row
 log-sum-exp (B, T, log2 units) and r = alpha @ s (B, T, D): O(T D) memory. r and dgamma are
@@ -229,10 +229,8 @@ def feedback_triton_bwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, s: Tensor, lse:
     ds = ds.to(s.dtype)
     u = torch.empty_like(s)
     dg = torch.zeros(B, T, dtype=torch.float32, device=dev)
-    dq = torch.zeros(B, T, DK, dtype=torch.float32, device=dev)
-    dk = torch.zeros(B, T, DK, dtype=torch.float32, device=dev)
     if T == 0:
-        return dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u
+        return torch.zeros_like(q), torch.zeros_like(k), dg.to(g.dtype), u
     flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
     bk = _bk(DK)
     if cfg.solve == "panel":
@@ -243,11 +241,44 @@ def feedback_triton_bwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, s: Tensor, lse:
             q, k, g, ds, u, r, lse, dg, flags, counter, T, B, n_chunks, scale * LOG2E,
             DK=DK, D=D, BK=bk, N_DBLK=n_dblk, **cfg.kernel_args())
     bkd = min(64, max(16, triton_next_pow2(D)))
-    bko = min(64, max(16, triton_next_pow2(DK)))
-    kern.bwd_dqdk_pairs[(n_chunks, n_chunks, B)](
-        q, k, g, u, s, lse, dg, dq, dk, T, scale * LOG2E, scale,
-        DK=DK, D=D, BM=block_m, BK=min(bk, bkd), BKO=bko, num_warps=4)
-    return dq.to(q.dtype), dk.to(k.dtype), dg.to(g.dtype), u
+    dq, dk = _dq_dk(q, k, g, u, s, lse, dg, cfg, BK=min(bk, bkd))
+    return dq, dk, dg.to(g.dtype), u
+
+
+# Rows per dq/dk GEMM: a panel's rows are multiplied in blocks of this many, each against the
+# columns up to its own last row only, so the zero tiles above the diagonal cost little
+# (a single panel of T rows: (1 + 2 + ... + n) / n^2 of the full products for n blocks).
+GEMM_ROWS = 512
+
+
+def _dq_dk(q, k, g, u, s, lse, dg, cfg: _Cfg, BK: int) -> tuple[Tensor, Tensor]:
+    """dq and dk from the dlogit by panels of W rows (``panel_width``: the ``panel_mib``
+    budget, or ``panel_rows``): per panel the dlogit tiles of its rows against all earlier
+    columns (``bwd_dlogit_panel``, parallel), then by blocks of GEMM_ROWS rows
+    dq[rows] = P k[:cols] and dk[:cols] += P^T q[rows]: batched GEMMs in the input dtype
+    with float32 accumulation, the dlogit operand rounded to the input dtype (as flash
+    attention's backward does; kernels/NOTES.md). dk is summed in float32."""
+    from sessa_kernels import _fb_kernels as kern
+
+    B, T, DK = q.shape
+    D = s.shape[-1]
+    bm = cfg.block_m
+    t_pad = math.ceil(T / bm) * bm
+    W = panel_width(B, T, bm, k.dtype.itemsize, cfg.panel_rows, cfg.panel_mib)
+    panel = torch.empty(B, W, t_pad, dtype=k.dtype, device=q.device)
+    dq = torch.empty_like(q)
+    dk = torch.zeros(B, T, DK, dtype=torch.float32, device=q.device)
+    for r0 in range(0, t_pad, W):
+        rows = min(W, t_pad - r0)
+        kern.bwd_dlogit_panel[(rows // bm, (r0 + rows) // bm, B)](
+            q, k, g, u, s, lse, dg, panel, T, r0, W, t_pad, cfg.scale * LOG2E, cfg.scale,
+            DK=DK, D=D, BM=bm, BK=BK, num_warps=4)
+        for lo in range(r0, min(r0 + rows, T), GEMM_ROWS):
+            hi = min(lo + GEMM_ROWS, r0 + rows, T)      # rows lo..hi see columns 0..hi
+            tile = panel[:, lo - r0:hi - r0, :hi]
+            dq[:, lo:hi] = torch.bmm(tile, k[:, :hi])
+            dk[:, :hi] += torch.bmm(tile.transpose(1, 2), q[:, lo:hi])
+    return dq, dk.to(k.dtype)
 
 
 @feedback_triton_bwd.register_fake
