@@ -96,8 +96,8 @@ train_part() {
         run tf_c_mb32 transformer 32 train.compile=true
         run sessa_eager_mb16 sessa 16
         run sessa_c_mb16_ckpt sessa 16 train.compile=true train.activation_checkpointing=blocks
-        run sessa_c_mb32 sessa 32 train.compile=true
-        run m2_c_mb16 mamba2 16 train.compile=true model.mamba2.impl=triton
+        SESSA_PT_PROFILE=7:2 run sessa_c_mb32 sessa 32 train.compile=true
+        SESSA_PT_PROFILE=7:2 run m2_c_mb16 mamba2 16 train.compile=true model.mamba2.impl=triton
     else                           # long context (PARTS=train_long, SEQ=16384): micro batch 1
         run sessa_c_mb1 sessa 1 train.compile=true
         run tf_c_mb1 transformer 1 train.compile=true
@@ -109,14 +109,17 @@ train_part() {
     done_runs=$(for r in "$runs"/*/; do [ -s "$r/train_log.jsonl" ] && echo "${r%/}"; done)
     [ -n "$done_runs" ] && python3 -m sessa_pt.train.bench --skip 4 $done_runs \
         | tee "$OUT_DIR/train$SEQ.md"
-    if [ -f "$runs/sessa_c_mb16/profile_rank0.txt" ]; then
-        cp "$runs/sessa_c_mb16/profile_rank0.txt" "$OUT_DIR/profile_sessa_c_mb16.txt"
-        echo "--- profile of the compiled Sessa step (top kernels by GPU time)"
-        head -n 32 "$OUT_DIR/profile_sessa_c_mb16.txt"
-        echo "--- GEMM kernels in the profile (align1 / sm75 / sm80 / fp32 ones are off the fast path)"
-        grep -iE "gemm|cutlass|nvjet|xmma|align1|sm75|sm80" "$OUT_DIR/profile_sessa_c_mb16.txt" \
-            | tee "$OUT_DIR/profile_gemms.txt" | head -n 20
-    fi
+    local prof
+    for prof in "$runs"/*/profile_rank0.txt; do
+        [ -f "$prof" ] || continue
+        local name; name=$(basename "$(dirname "$prof")")
+        cp "$prof" "$OUT_DIR/profile_$name.txt"
+        echo "--- profile of $name (top kernels by GPU time)"
+        head -n 32 "$prof" | cut -c1-100,150-175
+        echo "--- GEMM kernels of $name (align1 / sm75 / sm80 / fp32 ones are off the fast path)"
+        grep -iE "gemm|cutlass|nvjet|xmma|align1|sm75|sm80" "$prof" \
+            | tee "$OUT_DIR/profile_gemms_$name.txt" | head -n 12 | cut -c1-100,150-175
+    done
 }
 export OUT_DIR RUN_S STEPS T0 RECIPES SEQ EXTRA ONLY
 if want train; then

@@ -42,7 +42,7 @@ class StepProfiler:
                 torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
             sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-            table = self.prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=90)
+            table = self.prof.key_averages().table(sort_by=sort, row_limit=150, max_name_column_width=90)
             self.path.write_text(f"steps {self.first}..{step}\n{table}\n")
             print(f"[profile] wrote {self.path}", flush=True)
             self.prof = None
