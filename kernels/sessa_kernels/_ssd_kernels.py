@@ -31,6 +31,45 @@ def _decay_mask(acum_l, acum_s, offs_l, offs_s):
 
 
 @triton.jit
+def _chunk_offsets(k, T, L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+    """Chunk k's in-chunk offsets (L,), head-width (BP,) and state-width (BN,) offsets, its
+    positions t and their mask t < T."""
+    offs_l = tl.arange(0, L)
+    t = k * L + offs_l
+    return offs_l, tl.arange(0, BP), tl.arange(0, BN), t, t < T
+
+
+@triton.jit
+def _rows(ptr, bi, t, h, offs_p, s_b, s_t, s_h, s_p):
+    """Offsets of the (L, BP) tile of head h at positions t in a (b, T, H, P) tensor with
+    strides (s_b, s_t, s_h, s_p)."""
+    return ptr + bi.to(tl.int64) * s_b + t[:, None] * s_t + h * s_h + offs_p[None, :] * s_p
+
+
+@triton.jit
+def _chunk_bc(b_ptr, c_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn):
+    """The chunk's (L, BN) tiles of B and C of group g (zeros past T), and their mask."""
+    off = bi.to(tl.int64) * sbb + t[:, None] * sbt + g * sbg + offs_n[None, :] * sbn
+    mask = tmask[:, None] & (offs_n[None, :] < N)
+    return (tl.load(b_ptr + off, mask=mask, other=0.0),
+            tl.load(c_ptr + off, mask=mask, other=0.0), mask)
+
+
+@triton.jit
+def _head_decays(acum_ptr, dt_ptr, base, offs_l, L: tl.constexpr):
+    """acum (L,), its last value alast and dt (L,) of one head's chunk at ``base``."""
+    return (tl.load(acum_ptr + base + offs_l), tl.load(acum_ptr + base + L - 1),
+            tl.load(dt_ptr + base + offs_l))
+
+
+@triton.jit
+def _state_slot(bi, k, n_chunks, H, h, P, N):
+    """Offset of the (P, N) state of (batch bi, chunk k, head h) in a (b, chunks, H, P, N)
+    float32 tensor."""
+    return ((bi.to(tl.int64) * n_chunks + k) * H + h) * P * N
+
+
+@triton.jit
 def chunk_state_fwd(x_ptr, dt_ptr, acum_ptr, b_ptr, st_ptr,
                     T, Tp, H, G, HG, P, N,
                     sxb, sxt, sxh, sxp, sbb, sbt, sbg, sbn,
@@ -39,23 +78,15 @@ def chunk_state_fwd(x_ptr, dt_ptr, acum_ptr, b_ptr, st_ptr,
     bh, k = tl.program_id(0), tl.program_id(1)
     bi, h = bh // H, bh % H
     g = h // HG
-    offs_l = tl.arange(0, L)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    t = k * L + offs_l
-    tmask = t < T
-    base = bh.to(tl.int64) * Tp + k * L
-    acum = tl.load(acum_ptr + base + offs_l)
-    alast = tl.load(acum_ptr + base + L - 1)
-    dt = tl.load(dt_ptr + base + offs_l)
+    offs_l, offs_p, offs_n, t, tmask = _chunk_offsets(k, T, L, BP, BN)
+    acum, alast, dt = _head_decays(acum_ptr, dt_ptr, bh.to(tl.int64) * Tp + k * L, offs_l, L)
     w = tl.exp(alast - acum) * dt
-    x = tl.load(x_ptr + bi.to(tl.int64) * sxb + t[:, None] * sxt + h * sxh + offs_p[None, :] * sxp,
+    x = tl.load(_rows(x_ptr, bi, t, h, offs_p, sxb, sxt, sxh, sxp),
                 mask=tmask[:, None] & (offs_p[None, :] < P), other=0.0)
-    bm = tl.load(b_ptr + bi.to(tl.int64) * sbb + t[:, None] * sbt + g * sbg
-                 + offs_n[None, :] * sbn, mask=tmask[:, None] & (offs_n[None, :] < N), other=0.0)
+    bm, _, _ = _chunk_bc(b_ptr, b_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
     xw = (x.to(tl.float32) * w[:, None]).to(x_ptr.dtype.element_ty)
     st = tl.dot(tl.trans(xw), bm, input_precision=PREC)                 # (BP, BN)
-    out = st_ptr + ((bi.to(tl.int64) * (Tp // L) + k) * H + h) * P * N
+    out = st_ptr + _state_slot(bi, k, Tp // L, H, h, P, N)
     tl.store(out + offs_p[:, None] * N + offs_n[None, :], st,
              mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
 
@@ -92,35 +123,26 @@ def chunk_scan_fwd(x_ptr, dt_ptr, acum_ptr, b_ptr, c_ptr, ent_ptr, y_ptr,
     bg, k = tl.program_id(0), tl.program_id(1)
     bi, g = bg // G, bg % G
     n_chunks = Tp // L
-    offs_l = tl.arange(0, L)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    t = k * L + offs_l
-    tmask = t < T
-    bc_off = bi.to(tl.int64) * sbb + t[:, None] * sbt + g * sbg + offs_n[None, :] * sbn
-    bc_mask = tmask[:, None] & (offs_n[None, :] < N)
-    bm = tl.load(b_ptr + bc_off, mask=bc_mask, other=0.0)
-    cm = tl.load(c_ptr + bc_off, mask=bc_mask, other=0.0)
+    offs_l, offs_p, offs_n, t, tmask = _chunk_offsets(k, T, L, BP, BN)
+    bm, cm, _ = _chunk_bc(b_ptr, c_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
     cb = tl.dot(cm, tl.trans(bm), input_precision=PREC)                 # (L, L)
     pmask = tmask[:, None] & (offs_p[None, :] < P)
     dtype = x_ptr.dtype.element_ty
     for hh in range(HG):
         h = g * HG + hh
-        base = (bi.to(tl.int64) * H + h) * Tp + k * L
-        acum = tl.load(acum_ptr + base + offs_l)
-        dt = tl.load(dt_ptr + base + offs_l)
-        x = tl.load(x_ptr + bi.to(tl.int64) * sxb + t[:, None] * sxt + h * sxh
-                    + offs_p[None, :] * sxp, mask=pmask, other=0.0)
+        acum, _, dt = _head_decays(acum_ptr, dt_ptr, (bi.to(tl.int64) * H + h) * Tp + k * L,
+                                   offs_l, L)
+        x = tl.load(_rows(x_ptr, bi, t, h, offs_p, sxb, sxt, sxh, sxp), mask=pmask, other=0.0)
         xdt = (x.to(tl.float32) * dt[:, None]).to(dtype)
         m = (cb * _decay_mask(acum, acum, offs_l, offs_l)).to(dtype)
         y = tl.dot(m, xdt, input_precision=PREC)                          # (L, BP)
-        ent = ent_ptr + ((bi.to(tl.int64) * n_chunks + k) * H + h) * P * N
+        ent = ent_ptr + _state_slot(bi, k, n_chunks, H, h, P, N)
         e_t = tl.load(ent + offs_p[None, :] * N + offs_n[:, None],
                       mask=(offs_p[None, :] < P) & (offs_n[:, None] < N), other=0.0)  # (BN, BP)
         y_off = tl.dot(cm, e_t.to(dtype), input_precision=PREC)
         y += tl.exp(acum)[:, None] * y_off
-        tl.store(y_ptr + bi.to(tl.int64) * syb + t[:, None] * syt + h * syh
-                 + offs_p[None, :] * syp, y.to(y_ptr.dtype.element_ty), mask=pmask)
+        tl.store(_rows(y_ptr, bi, t, h, offs_p, syb, syt, syh, syp),
+                 y.to(y_ptr.dtype.element_ty), mask=pmask)
 
 
 @triton.jit
@@ -132,19 +154,14 @@ def chunk_dstate_bwd(dy_ptr, acum_ptr, c_ptr, out_ptr,
     bh, k = tl.program_id(0), tl.program_id(1)
     bi, h = bh // H, bh % H
     g = h // HG
-    offs_l = tl.arange(0, L)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    t = k * L + offs_l
-    tmask = t < T
+    offs_l, offs_p, offs_n, t, tmask = _chunk_offsets(k, T, L, BP, BN)
     acum = tl.load(acum_ptr + bh.to(tl.int64) * Tp + k * L + offs_l)
-    dy = tl.load(dy_ptr + bi.to(tl.int64) * syb + t[:, None] * syt + h * syh
-                 + offs_p[None, :] * syp, mask=tmask[:, None] & (offs_p[None, :] < P), other=0.0)
-    cm = tl.load(c_ptr + bi.to(tl.int64) * sbb + t[:, None] * sbt + g * sbg
-                 + offs_n[None, :] * sbn, mask=tmask[:, None] & (offs_n[None, :] < N), other=0.0)
+    dy = tl.load(_rows(dy_ptr, bi, t, h, offs_p, syb, syt, syh, syp),
+                 mask=tmask[:, None] & (offs_p[None, :] < P), other=0.0)
+    _, cm, _ = _chunk_bc(c_ptr, c_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
     dyw = (dy.to(tl.float32) * tl.exp(acum)[:, None]).to(c_ptr.dtype.element_ty)
     d = tl.dot(tl.trans(dyw), cm, input_precision=PREC)                 # (BP, BN)
-    out = out_ptr + ((bi.to(tl.int64) * (Tp // L) + k) * H + h) * P * N
+    out = out_ptr + _state_slot(bi, k, Tp // L, H, h, P, N)
     tl.store(out + offs_p[:, None] * N + offs_n[None, :], d,
              mask=(offs_p[:, None] < P) & (offs_n[None, :] < N))
 
@@ -189,38 +206,28 @@ def chunk_dx_bwd(x_ptr, dt_ptr, acum_ptr, b_ptr, c_ptr, dy_ptr, ds_ptr, dx_ptr, 
     bg, k = tl.program_id(0), tl.program_id(1)
     bi, g = bg // G, bg % G
     n_chunks = Tp // L
-    offs_l = tl.arange(0, L)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    t = k * L + offs_l
-    tmask = t < T
-    bc_off = bi.to(tl.int64) * sbb + t[:, None] * sbt + g * sbg + offs_n[None, :] * sbn
-    bc_mask = tmask[:, None] & (offs_n[None, :] < N)
-    bm = tl.load(b_ptr + bc_off, mask=bc_mask, other=0.0)
-    cm = tl.load(c_ptr + bc_off, mask=bc_mask, other=0.0)
+    offs_l, offs_p, offs_n, t, tmask = _chunk_offsets(k, T, L, BP, BN)
+    bm, cm, _ = _chunk_bc(b_ptr, c_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
     bc = tl.dot(bm, tl.trans(cm), input_precision=PREC)                 # bc[s, l] = B_s . C_l
     pmask = tmask[:, None] & (offs_p[None, :] < P)
     dtype = x_ptr.dtype.element_ty
     for hh in range(HG):
         h = g * HG + hh
         base = (bi.to(tl.int64) * H + h) * Tp + k * L
-        acum = tl.load(acum_ptr + base + offs_l)
-        alast = tl.load(acum_ptr + base + L - 1)
-        dt = tl.load(dt_ptr + base + offs_l)
-        dy = tl.load(dy_ptr + bi.to(tl.int64) * syb + t[:, None] * syt + h * syh
-                     + offs_p[None, :] * syp, mask=pmask, other=0.0).to(dtype)
+        acum, alast, dt = _head_decays(acum_ptr, dt_ptr, base, offs_l, L)
+        dy = tl.load(_rows(dy_ptr, bi, t, h, offs_p, syb, syt, syh, syp), mask=pmask,
+                     other=0.0).to(dtype)
         # transposed decay: rows s, columns l >= s
         mt = (bc * tl.trans(_decay_mask(acum, acum, offs_l, offs_l))).to(dtype)
         dxdt = tl.dot(mt, dy, input_precision=PREC)                       # (L, BP)
-        ds = ds_ptr + ((bi.to(tl.int64) * n_chunks + k) * H + h) * P * N
+        ds = ds_ptr + _state_slot(bi, k, n_chunks, H, h, P, N)
         ds_t = tl.load(ds + offs_p[None, :] * N + offs_n[:, None],
                        mask=(offs_p[None, :] < P) & (offs_n[:, None] < N), other=0.0)  # (BN, BP)
         dxdt += tl.exp(alast - acum)[:, None] * tl.dot(bm, ds_t.to(dtype), input_precision=PREC)
-        x = tl.load(x_ptr + bi.to(tl.int64) * sxb + t[:, None] * sxt + h * sxh
-                    + offs_p[None, :] * sxp, mask=pmask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + bi.to(tl.int64) * sob + t[:, None] * sot + h * soh
-                 + offs_p[None, :] * sop, (dxdt * dt[:, None]).to(dx_ptr.dtype.element_ty),
-                 mask=pmask)
+        x = tl.load(_rows(x_ptr, bi, t, h, offs_p, sxb, sxt, sxh, sxp), mask=pmask,
+                    other=0.0).to(tl.float32)
+        tl.store(_rows(dx_ptr, bi, t, h, offs_p, sob, sot, soh, sop),
+                 (dxdt * dt[:, None]).to(dx_ptr.dtype.element_ty), mask=pmask)
         tl.store(ddt_ptr + base + offs_l, tl.sum(dxdt * x, axis=1))
 
 
@@ -243,15 +250,8 @@ def chunk_dbc_bwd(x_ptr, dt_ptr, acum_ptr, b_ptr, c_ptr, dy_ptr, ent_ptr, ds_ptr
     bg, k = tl.program_id(0), tl.program_id(1)
     bi, g = bg // G, bg % G
     n_chunks = Tp // L
-    offs_l = tl.arange(0, L)
-    offs_p = tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
-    t = k * L + offs_l
-    tmask = t < T
-    bc_off = bi.to(tl.int64) * sbb + t[:, None] * sbt + g * sbg + offs_n[None, :] * sbn
-    bc_mask = tmask[:, None] & (offs_n[None, :] < N)
-    bm = tl.load(b_ptr + bc_off, mask=bc_mask, other=0.0)
-    cm = tl.load(c_ptr + bc_off, mask=bc_mask, other=0.0)
+    offs_l, offs_p, offs_n, t, tmask = _chunk_offsets(k, T, L, BP, BN)
+    bm, cm, bc_mask = _chunk_bc(b_ptr, c_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
     cb = tl.dot(cm, tl.trans(bm), input_precision=PREC)                 # (L, L)
     pmask = tmask[:, None] & (offs_p[None, :] < P)
     pn_mask = (offs_p[:, None] < P) & (offs_n[None, :] < N)
@@ -261,18 +261,15 @@ def chunk_dbc_bwd(x_ptr, dt_ptr, acum_ptr, b_ptr, c_ptr, dy_ptr, ent_ptr, ds_ptr
     for hh in range(HG):
         h = g * HG + hh
         base = (bi.to(tl.int64) * H + h) * Tp + k * L
-        acum = tl.load(acum_ptr + base + offs_l)
-        alast = tl.load(acum_ptr + base + L - 1)
-        dt = tl.load(dt_ptr + base + offs_l)
-        x = tl.load(x_ptr + bi.to(tl.int64) * sxb + t[:, None] * sxt + h * sxh
-                    + offs_p[None, :] * sxp, mask=pmask, other=0.0)
+        acum, alast, dt = _head_decays(acum_ptr, dt_ptr, base, offs_l, L)
+        x = tl.load(_rows(x_ptr, bi, t, h, offs_p, sxb, sxt, sxh, sxp), mask=pmask, other=0.0)
         xdt = (x.to(tl.float32) * dt[:, None]).to(dtype)
-        dy = tl.load(dy_ptr + bi.to(tl.int64) * syb + t[:, None] * syt + h * syh
-                     + offs_p[None, :] * syp, mask=pmask, other=0.0).to(dtype)
+        dy = tl.load(_rows(dy_ptr, bi, t, h, offs_p, syb, syt, syh, syp), mask=pmask,
+                     other=0.0).to(dtype)
         dm = tl.dot(dy, tl.trans(xdt), input_precision=PREC)              # (L, L)
         dcb = dm * _decay_mask(acum, acum, offs_l, offs_l)
         dcb_lo = dcb.to(dtype)
-        hoff = ((bi.to(tl.int64) * n_chunks + k) * H + h) * P * N
+        hoff = _state_slot(bi, k, n_chunks, H, h, P, N)
         ent = tl.load(ent_ptr + hoff + offs_p[:, None] * N + offs_n[None, :], mask=pn_mask,
                       other=0.0)
         ds = tl.load(ds_ptr + hoff + offs_p[:, None] * N + offs_n[None, :], mask=pn_mask,
