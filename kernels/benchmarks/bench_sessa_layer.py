@@ -3,9 +3,10 @@
 The layer is the paper's gated block (LN -> W_in -> GELU / gate -> mixer -> W_out, residual,
 ``sessa_pt.models.blocks.GatedBlock``) with the mixer ``SessaMixer(impl=dense|chunked|triton)``
 or ``AttentionMixer``; ``triton`` is the triton mixer with ``solve="queue"``, ``triton_panel``
-with ``solve="panel"`` (the default of ``model.sessa.solve``); a ``+compile`` suffix runs the
-block under torch.compile (e.g. ``attention+compile,triton_panel+compile``). D=1024, 16 heads, bf16, 16k tokens per batch (B = 16384 / T,
-B = 1 beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
+with ``solve="panel"`` (the default of ``model.sessa.solve``), ``triton_panel_c128`` the same
+with 128-row chunks (``model.sessa.chunk_size=128``); a ``+compile`` suffix runs the block under
+torch.compile (e.g. ``attention+compile,triton_panel+compile``). D=1024, 16 heads, bf16, 16k
+tokens per batch (B = 16384 / T, B = 1 beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
 (weights and the input). Run on the GPU machine:
 
     PYTHONPATH=$PWD:$PWD/kernels python3 kernels/benchmarks/bench_sessa_layer.py \
@@ -34,8 +35,10 @@ D, H, TOKENS = 1024, 16, 16384
 
 # Layer variants that are the triton mixer under other kernel settings (model.sessa fields).
 TRITON_VARIANTS = {
-    "triton": {"solve": "queue"},
-    "triton_panel": {"solve": "panel"},
+    "triton": {"solve": "queue", "chunk_size": 64},
+    "triton_panel": {"solve": "panel", "chunk_size": 64},
+    # half the sequential depth of the solves (T / 128 chunk steps), 2x the in-chunk work
+    "triton_panel_c128": {"solve": "panel", "chunk_size": 128},
 }
 COMPILED = "+compile"       # suffix: the same block under torch.compile (e.g. triton_panel+compile)
 
@@ -47,7 +50,7 @@ def make_block(impl: str) -> nn.Module:
     if base == "attention":
         mixer = AttentionMixer(D, H)
     elif base in TRITON_VARIANTS:
-        mixer = SessaMixer(D, H, impl="triton", chunk_size=64, **TRITON_VARIANTS[base])
+        mixer = SessaMixer(D, H, impl="triton", **TRITON_VARIANTS[base])
     else:
         mixer = SessaMixer(D, H, impl=base, chunk_size=128)
     block = GatedBlock(D, mixer).cuda().to(torch.bfloat16)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 13 on one H200 (one device call; the default parts' limits add up to 520 s): the tests of
-# the feedback custom ops (compiled vs eager, fp64 references, compiled decode, other chunk
-# sizes), the layer benchmark eager and compiled at T = 2048, 8192, 32768, and recipes/m125
+# Issue 13 on one H200 (the default parts' limits add up to 670 s: more than one device call,
+# pick PARTS): the tests of the feedback custom ops (compiled vs eager, fp64 references,
+# compiled decode, other chunk sizes), the compiled layer benchmark at T = 2048 to 32768
+# (attention, panel solve with 64- and 128-row chunks), and recipes/m125
 # training throughput at T = 2048: Sessa (triton; compile on/off; micro batch 16 and 32;
 # activation checkpointing) against the compiled gated Transformer, with a torch.profiler kernel
 # table of the compiled Sessa step (is the align-1 GEMM gone?).
@@ -22,7 +23,7 @@ OUT_DIR=${1:-${OUT:-/tmp/s4_out}}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 MLFLOW_ALLOW_FILE_STORE=true
 export MLFLOW_DISABLE_TELEMETRY=true NCCL_NVLS_ENABLE=0
-: "${PARTS:=tests layers train}" "${TESTS_S:=90}" "${LAYERS_S:=90}" "${TRAIN_S:=340}"
+: "${PARTS:=tests layers train}" "${TESTS_S:=90}" "${LAYERS_S:=240}" "${TRAIN_S:=340}"
 : "${TESTS_TRAIN_S:=150}" "${RUN_S:=80}" "${STEPS:=10}" "${RECIPES:=recipes/m125}"
 : "${SEQ:=2048}" "${EXTRA:=}" "${ONLY:=}"
 BENCH=kernels/benchmarks
@@ -59,11 +60,12 @@ if want tests_train; then
         tests/gpu/test_training_gpu.py -k "sessa_triton"
 fi
 
-# (b) layer fwd+bwd (D=1024, 16 heads, 16k tokens per batch): attention and the panel solve,
-# each eager and under torch.compile (the Sessa block compiles around the opaque ops).
+# (b) layer fwd+bwd (D=1024, 16 heads, 16k tokens per batch), all under torch.compile (the
+# Sessa block compiles around the opaque ops): attention, the panel solve with 64- and 128-row
+# chunks.
 if want layers; then
-    part layers "$LAYERS_S" python3 $BENCH/bench_sessa_layer.py --seq 2048,8192,32768 \
-        --impls attention,attention+compile,triton_panel,triton_panel+compile --decode '' \
+    part layers "$LAYERS_S" python3 $BENCH/bench_sessa_layer.py --seq 2048,8192,16384,32768 \
+        --impls attention+compile,triton_panel+compile,triton_panel_c128+compile --decode '' \
         --json "$OUT_DIR/layers.json"
     grep -A 20 '^ *T ' "$OUT_DIR/layers.log" >"$OUT_DIR/layers.md" 2>/dev/null
 fi

@@ -9,8 +9,10 @@
 # Sessa and Mamba2 (summarised by python -m sessa_pt.train.profile_summary).
 # From the repo root, with .whl/ filled by kernels/benchmarks/gpu_wheels.sh and carried along:
 #   bash kernels/benchmarks/verify_gpu.sh [OUT_DIR]     (default $OUT; logs in OUT_DIR/verify.tgz)
-# The long-context rows and the layer table are a second call:
-#   PARTS="layers train_long" bash kernels/benchmarks/session4_gpu.sh OUT_DIR
+# The layer table (compiled attention, panel solve with 64- and 128-row chunks, T = 2048 to
+# 32768) and the long-context rows are a second call (~9 minutes):
+#   PARTS="layers train_long" ONLY="sessa_c_mb1 tf_c_mb1 m2_c_mb1" TRAIN_S=250 \
+#       bash kernels/benchmarks/session4_gpu.sh OUT_DIR
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/verify_out}}
 T0=$(date +%s); W=/tmp/verify; mkdir -p "$W" "$OUT_DIR"

@@ -272,7 +272,7 @@ def _dq_dk(q, k, g, u, s, lse, dg, cfg: _Cfg, BK: int) -> tuple[Tensor, Tensor]:
         rows = min(W, t_pad - r0)
         kern.bwd_dlogit_panel[(rows // bm, (r0 + rows) // bm, B)](
             q, k, g, u, s, lse, dg, panel, T, r0, W, t_pad, cfg.scale * LOG2E, cfg.scale,
-            DK=DK, D=D, BM=bm, BK=BK, num_warps=4)
+            DK=DK, D=D, BM=bm, BK=BK, num_warps=8 if bm >= 128 else 4)
         for lo in range(r0, min(r0 + rows, T), GEMM_ROWS):
             hi = min(lo + GEMM_ROWS, r0 + rows, T)      # rows lo..hi see columns 0..hi
             tile = panel[:, lo - r0:hi - r0, :hi]
