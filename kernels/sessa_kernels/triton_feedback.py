@@ -245,19 +245,23 @@ def feedback_triton_bwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, s: Tensor, lse:
     return dq, dk, dg.to(g.dtype), u
 
 
-# Rows per dq/dk GEMM: a panel's rows are multiplied in blocks of this many, each against the
-# columns up to its own last row only, so the zero tiles above the diagonal cost little
-# (a single panel of T rows: (1 + 2 + ... + n) / n^2 of the full products for n blocks).
+# Rows per dq/dk GEMM on a panel's diagonal part: its rows are multiplied in blocks of this many,
+# each against the panel's columns up to its own last row only, so the zero tiles above the
+# diagonal cost little ((1 + 2 + ... + n) / n^2 of the full products for n blocks).
 GEMM_ROWS = 512
 
 
 def _dq_dk(q, k, g, u, s, lse, dg, cfg: _Cfg, BK: int) -> tuple[Tensor, Tensor]:
     """dq and dk from the dlogit by panels of W rows (``panel_width``: the ``panel_mib``
-    budget, or ``panel_rows``): per panel the dlogit tiles of its rows against all earlier
-    columns (``bwd_dlogit_panel``, parallel), then by blocks of GEMM_ROWS rows
-    dq[rows] = P k[:cols] and dk[:cols] += P^T q[rows]: batched GEMMs in the input dtype
-    with float32 accumulation, the dlogit operand rounded to the input dtype (as flash
-    attention's backward does; kernels/NOTES.md). dk is summed in float32."""
+    budget, or ``panel_rows``). Per panel of rows r0..hi: the dlogit tiles of its rows against
+    all earlier columns (``bwd_dlogit_panel``, parallel) into P; then batched GEMMs in the
+    input dtype with float32 accumulation, the dlogit operand rounded to the input dtype (as
+    flash attention's backward does; kernels/NOTES.md):
+    - the columns before the panel, which every row of it sees: dq[rows] = P[:, :r0] k[:r0],
+      dk[:r0] += P[:, :r0]^T q[rows], one GEMM each;
+    - the diagonal part by blocks of GEMM_ROWS rows lo..bhi: dq[lo:bhi] += P k[r0:bhi],
+      dk[r0:bhi] += P^T q[lo:bhi].
+    dq of the panel and dk are summed in float32."""
     from sessa_kernels import _fb_kernels as kern
 
     B, T, DK = q.shape
@@ -268,16 +272,24 @@ def _dq_dk(q, k, g, u, s, lse, dg, cfg: _Cfg, BK: int) -> tuple[Tensor, Tensor]:
     panel = torch.empty(B, W, t_pad, dtype=k.dtype, device=q.device)
     dq = torch.empty_like(q)
     dk = torch.zeros(B, T, DK, dtype=torch.float32, device=q.device)
-    for r0 in range(0, t_pad, W):
+    for r0 in range(0, T, W):
         rows = min(W, t_pad - r0)
         kern.bwd_dlogit_panel[(rows // bm, (r0 + rows) // bm, B)](
             q, k, g, u, s, lse, dg, panel, T, r0, W, t_pad, cfg.scale * LOG2E, cfg.scale,
             DK=DK, D=D, BM=bm, BK=BK, num_warps=8 if bm >= 128 else 4)
-        for lo in range(r0, min(r0 + rows, T), GEMM_ROWS):
-            hi = min(lo + GEMM_ROWS, r0 + rows, T)      # rows lo..hi see columns 0..hi
-            tile = panel[:, lo - r0:hi - r0, :hi]
-            dq[:, lo:hi] = torch.bmm(tile, k[:, :hi])
-            dk[:, :hi] += torch.bmm(tile.transpose(1, 2), q[:, lo:hi])
+        hi = min(r0 + rows, T)
+        p = panel[:, :hi - r0]
+        if r0:
+            dq_p = torch.bmm(p[:, :, :r0], k[:, :r0]).float()
+            dk[:, :r0] += torch.bmm(p[:, :, :r0].transpose(1, 2), q[:, r0:hi])
+        else:
+            dq_p = torch.zeros(B, hi, DK, dtype=torch.float32, device=q.device)
+        for lo in range(r0, hi, GEMM_ROWS):
+            bhi = min(lo + GEMM_ROWS, hi)
+            tile = p[:, lo - r0:bhi - r0, r0:bhi]
+            dq_p[:, lo - r0:bhi - r0] += torch.bmm(tile, k[:, r0:bhi])
+            dk[:, r0:bhi] += torch.bmm(tile.transpose(1, 2), q[:, lo:bhi])
+        dq[:, r0:hi] = dq_p
     return dq, dk.to(k.dtype)
 
 

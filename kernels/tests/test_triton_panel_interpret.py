@@ -40,8 +40,8 @@ def test_panel_tiny_matches_dense(T: int, routing: str) -> None:
 
 @pytest.mark.parametrize("gemm_rows", [32, 48])
 def test_dq_dk_gemm_blocks_match_dense(monkeypatch, gemm_rows: int) -> None:
-    """dq and dk by GEMMs over row blocks of each dlogit panel, each against the columns up to
-    its last row: blocks that divide the 64-row panels and blocks that do not, 4 panels."""
+    """dq and dk by GEMMs of each dlogit panel: the columns before it at once, its diagonal part
+    by row blocks (blocks that divide the 64-row panels and blocks that do not), 4 panels."""
     from sessa_kernels import triton_feedback as tf
 
     monkeypatch.setattr(tf, "GEMM_ROWS", gemm_rows)
