@@ -33,6 +33,11 @@ class SymbolSoup(Experiment):
         self.family = family
         self.lo, self.hi = LENGTHS[family]
         self.name = "symbolsoup600" if family == "symbolsoup" else family
+        if family == "symbolsoup":
+            # the paper's form of the feedback gain beside the reference one: does it change
+            # Sessa's spread over seeds? (recipes/symbolsoup/sessa_paper.yaml)
+            self.variants = ("sessa", "transformer", "mamba2", "sessa_paper")
+            self.labels = {**Experiment.labels, "sessa_paper": "Sessa, paper's gamma"}
         self.title = f"SymbolSoup, {self.lo}-{self.hi} tokens (the paper's Table 1)"
         self.paper = ({"sessa": {"token_acc": 0.8601}, "transformer": {"token_acc": 0.7921},
                        "mamba2": {"token_acc": 0.0500}} if family == "symbolsoup" else {})
