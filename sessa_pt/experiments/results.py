@@ -67,6 +67,53 @@ def aggregate(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str, dict[
     return out
 
 
+def training_dynamics(run_dir: pathlib.Path, grad_clip: float, warmup: int) -> dict[str, Any]:
+    """What a run's per-step log says about its stability: the largest pre-clip gradient norm
+    and its step, the largest around the end of warmup (steps warmup/2 .. 2 warmup), the share
+    of steps whose norm exceeded the clip (``grad_clip`` > 0), the loss spikes that the trainer
+    recorded (spikes.jsonl) and the non-finite steps. {} without a log."""
+    log_path = run_dir / "train_log.jsonl"
+    if not log_path.is_file():
+        return {}
+    rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    norms = [(r["step"], r["grad_norm"]) for r in rows
+             if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"])]
+    if not norms:
+        return {}
+    step_max, g_max = max(norms, key=lambda sg: sg[1])
+    around = [g for st, g in norms if warmup // 2 <= st <= 2 * max(warmup, 1)]
+    spikes = run_dir / "spikes.jsonl"
+    return {"max_grad_norm": g_max, "max_grad_norm_step": step_max,
+            "max_grad_norm_end_of_warmup": max(around) if around else None,
+            "clipped_fraction": (sum(g > grad_clip for _, g in norms) / len(norms)
+                                 if grad_clip > 0 else None),
+            "loss_spikes": (len([x for x in spikes.read_text().splitlines() if x.strip()])
+                            if spikes.is_file() else 0),
+            "nonfinite_steps": sum(bool(r.get("nonfinite")) for r in rows)}
+
+
+def dynamics_table(runs: list[dict[str, Any]], variants: list[str], labels: dict[str, str]
+                   ) -> list[str]:
+    """Training stability per run (from :func:`training_dynamics`), a row per run."""
+    have = [r for r in runs if r.get("dynamics")]
+    if not have:
+        return []
+    lines = ["Training stability per run (pre-clip gradient norm from the per-step log):", "",
+             "| model | seed | max grad norm (step) | max around the end of warmup | "
+             "steps clipped | loss spikes | non-finite steps |", "|---|---|---|---|---|---|---|"]
+    for v in variants:
+        for r in (r for r in have if r["variant"] == v):
+            d = r["dynamics"]
+            warm = d.get("max_grad_norm_end_of_warmup")
+            clip = d.get("clipped_fraction")
+            lines.append(f"| {labels.get(v, v)} | {r['seed']} | {d['max_grad_norm']:.2f} "
+                         f"({d['max_grad_norm_step']}) | "
+                         f"{'-' if warm is None else f'{warm:.2f}'} | "
+                         f"{'-' if clip is None else f'{100 * clip:.1f}%'} | "
+                         f"{d['loss_spikes']} | {d['nonfinite_steps']} |")
+    return lines + [""]
+
+
 def write_summary(path: pathlib.Path, summary: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -156,6 +203,7 @@ def results_markdown(summary: dict[str, Any]) -> str:
     lines += per_seed + [""]
     if summary.get("breakdown"):
         lines += bins_table(runs, variants, labels, summary["breakdown"])
+    lines += dynamics_table(runs, variants, labels)
     tails = [r for r in runs if r.get("memory_tail")]
     if tails:
         lines += [("Memory tail (fitted beta per layer, influence ~ lag^-beta; seed "

@@ -320,8 +320,11 @@ def run_seeds(ctx: Context, choice: dict[str, Any] | None = None) -> dict[str, A
     if not args.no_memory_tail:
         _memory_tails(ctx, runs)
     for r in runs:
-        _, non_emb, _ = count(load_config(exp.recipe(r["variant"])))
+        cfg = load_config(exp.recipe(r["variant"]), list(args.extra))
+        _, non_emb, _ = count(cfg)
         r["params_non_embedding"] = non_emb
+        r["dynamics"] = res.training_dynamics(pathlib.Path(r["run_dir"]), cfg.optim.grad_clip,
+                                              budget.warmup)
     if args.dry_run:
         return {}
     plots = _report(ctx)

@@ -67,3 +67,23 @@ def test_aggregate_skips_failed_runs() -> None:
     agg = res.aggregate(s["runs"], ["token_acc"])
     assert agg["sessa"]["token_acc"]["n"] == 2
     assert agg["sessa"]["token_acc"]["mean"] == pytest.approx(0.65)
+
+
+def test_training_dynamics_from_the_step_log(tmp_path) -> None:
+    import json
+
+    from sessa_pt.experiments.results import dynamics_table, training_dynamics
+
+    norms = [0.5, 0.8, 3.0, 1.2, float("nan"), 0.9, 0.4, 5.0]   # step 5 non-finite
+    rows = [{"step": i + 1, "grad_norm": g, "nonfinite": g != g} for i, g in enumerate(norms)]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "spikes.jsonl").write_text('{"step": 3}\n')
+    d = training_dynamics(tmp_path, grad_clip=1.0, warmup=2)
+    assert d["max_grad_norm"] == 5.0 and d["max_grad_norm_step"] == 8
+    assert d["max_grad_norm_end_of_warmup"] == 3.0          # steps 1..4
+    assert d["clipped_fraction"] == 3 / 7 and d["loss_spikes"] == 1
+    assert d["nonfinite_steps"] == 1
+    assert training_dynamics(tmp_path / "missing", 1.0, 2) == {}
+    table = dynamics_table([{"variant": "sessa", "seed": 1, "dynamics": d}], ["sessa"],
+                           {"sessa": "Sessa"})
+    assert "| Sessa | 1 | 5.00 (8) | 3.00 | 42.9% | 1 | 1 |" in table

@@ -51,6 +51,8 @@ def test_lm_gpu_call_sweep_then_seeds_on_cpu(tmp_path: pathlib.Path) -> None:
     assert all(set(r["metrics"]) == {"ppl", "top1", "top5", "loss"} for r in runs)
     assert all(r["train_seconds"] > 0 and "sessa_pt.train" in r["command"] for r in runs)
     assert all(r["memory_tail"] for r in runs)
+    assert all(r["dynamics"]["max_grad_norm"] > 0 for r in runs)       # the stability table
+    assert "Training stability per run" in (seeds / "RESULTS.md").read_text()
     # The seeds' evaluation is on the held-out source.
     assert all("heldout/valid/manifest.json" in c for c in summary["commands"]
                if "eval.cli ppl" in c)
