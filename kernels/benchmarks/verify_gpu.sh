@@ -3,7 +3,8 @@
 # recipes/m125 at T=2048. First, side by side (they check correctness only): the GPU tests of the
 # feedback custom ops and compiled Sessa (session4_gpu.sh's "tests" part), the bf16 trainer tests
 # (eager / compiled / compiled + activation checkpointing: its "tests_train" part) and the tests
-# of the Triton SSD, the fused CE and the compiled m125 blocks (bench_baselines_gpu.sh's "tests").
+# of the Triton SSD, the fused CE and the compiled m125 blocks (bench_baselines_gpu.sh's "tests"),
+# and torch.compile of one block of every recipe (its "compile_all").
 # Then one run at a time (session4_gpu.sh's "train" part): compiled Sessa at micro batch 32 and
 # 16, the compiled gated Transformer, compiled Mamba2 on the Triton SSD, with kernel profiles of
 # Sessa and Mamba2 (summarised by python -m sessa_pt.train.profile_summary).
@@ -27,10 +28,12 @@ at "packages installed"
 ( PARTS=tests_train TESTS_TRAIN_S=200 bash $B/session4_gpu.sh "$W/s4tt" >"$W/s4_tests_train.txt" 2>&1 ) &
 ( PARTS=tests TEST_S=200 RUNS=$W/blruns bash sessa_pt/train/bench_baselines_gpu.sh "$W/blt" \
     >"$W/bl_tests.txt" 2>&1 ) &
+( PARTS=compile_all TEST_S=210 RUNS=$W/blruns2 bash sessa_pt/train/bench_baselines_gpu.sh \
+    "$W/blc" >"$W/bl_compile_all.txt" 2>&1 ) &
 wait
 at "tests done"
 grep -hE "passed|failed|FAILED|ERROR|TIME LIMIT" "$W/s4t/tests.log" "$W/s4tt/tests_train.log" \
-    "$W/blt/tests.log" | tail -20
+    "$W/blt/tests.log" "$W/blc/compile_all.log" | tail -24
 PARTS=train TRAIN_S=${TRAIN_S:-280} RUN_S=75 STEPS=10 \
     ONLY="sessa_c_mb32 tf_c_mb32 m2_c_mb16 sessa_c_mb16" \
     bash $B/session4_gpu.sh "$W/s4" >"$W/s4_train.txt" 2>&1
@@ -41,6 +44,6 @@ for f in "$W"/s4/profile_*_mb*.txt; do
     [ -f "$f" ] && { echo "--- $f"; python3 -m sessa_pt.train.profile_summary "$f"; }
 done
 at "done"
-rm -rf "$W"/s4/soup2048 "$W"/s4/runs2048/*/checkpoints "$W"/blruns
+rm -rf "$W"/s4/soup2048 "$W"/s4/runs2048/*/checkpoints "$W"/blruns "$W"/blruns2
 find "$W" \( -name '*.pt' -o -name '*.safetensors' -o -name 'mlflow*' \) -prune -exec rm -rf {} +
 tar czf "$OUT_DIR/verify.tgz" -C "$W" . && ls -la "$OUT_DIR"
