@@ -34,7 +34,7 @@ wait
 at "tests done"
 grep -hE "passed|failed|FAILED|ERROR|TIME LIMIT" "$W/s4t/tests.log" "$W/s4tt/tests_train.log" \
     "$W/blt/tests.log" "$W/blc/compile_all.log" | tail -24
-PARTS=train TRAIN_S=${TRAIN_S:-280} RUN_S=75 STEPS=10 \
+PARTS=train TRAIN_S=${TRAIN_S:-280} RUN_S=${RUN_S:-75} STEPS=10 \
     ONLY="sessa_c_mb32 tf_c_mb32 m2_c_mb16 sessa_c_mb16" \
     bash $B/session4_gpu.sh "$W/s4" >"$W/s4_train.txt" 2>&1
 at "training runs done"
