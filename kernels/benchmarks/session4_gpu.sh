@@ -29,7 +29,7 @@ export MLFLOW_DISABLE_TELEMETRY=true NCCL_NVLS_ENABLE=0
 BENCH=kernels/benchmarks
 T0=$(date +%s)
 
-if [ -d .whl ]; then
+if [ -d .whl ] && [ "${WHEELS:-1}" != 0 ]; then     # WHEELS=0: packages already importable
     S=$(mktemp -d)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$S" .whl/*.whl || { echo "wheel install failed"; exit 1; }

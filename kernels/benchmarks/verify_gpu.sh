@@ -17,10 +17,15 @@
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/verify_out}}
 T0=$(date +%s); W=/tmp/verify; mkdir -p "$W" "$OUT_DIR"
-S=$(mktemp -d)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target "$S" .whl/*.whl || exit 1
-export PYTHONPATH=$S:$PWD:$PWD/kernels:$PWD/data_prep PYTHONUNBUFFERED=1
+if [ "${WHEELS:-1}" != 0 ]; then     # WHEELS=0: the packages are installed already
+    S=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$S" .whl/*.whl || exit 1
+    export PYTHONPATH=$S:$PWD:$PWD/kernels:$PWD/data_prep
+else
+    export PYTHONPATH=$PWD:$PWD/kernels:$PWD/data_prep${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 WHEELS=0     # the parts below use this install
 at() { echo "=== $1 at $(( $(date +%s) - T0 )) s"; }
 B=kernels/benchmarks
 at "packages installed"

@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("profiles", nargs="+", type=pathlib.Path)
     args = ap.parse_args(argv)
     for path in args.profiles:
+        rows = summarise(path)
         print(f"\n{path}\n\n| kernels | GPU ms | share |\n|---|---|---|")
-        for kind, ms, share in summarise(path):
+        for kind, ms, share in rows:
             print(f"| {kind} | {ms:.1f} | {share:.1f}% |")
     return 0
 
