@@ -17,13 +17,22 @@ VARIANTS = {"sessa": ("sessa", "gated"), "transformer": ("attention", "gated"),
             "mamba2": ("mamba2", "gated"), "transformer_mlp": ("attention", "transformer")}
 
 
+# Variants beyond the four of every family: Sessa with the paper's gain form, same shape.
+EXTRA = {"symbolsoup": {"sessa_paper": ("sessa", "gated")}}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_is_matched(family: str) -> None:
     variants = rc.load_family(ROOT / "recipes" / family)
     by_name = {v.name: v for v in variants}
-    assert set(by_name) == set(VARIANTS)
+    expected = {**VARIANTS, **EXTRA.get(family, {})}
+    assert set(by_name) == set(expected)
     ref = by_name["sessa"]
-    for name, (mixer, block) in VARIANTS.items():
+    if "sessa_paper" in by_name:
+        v = by_name["sessa_paper"]
+        assert v.cfg.model.sessa.variant == "paper" and ref.cfg.model.sessa.variant != "paper"
+        assert v.params_non_embedding == ref.params_non_embedding
+    for name, (mixer, block) in expected.items():
         v = by_name[name]
         assert (v.cfg.model.mixer, v.cfg.model.block) == (mixer, block)
         assert rc.non_architecture_differences(ref.cfg, v.cfg) == []

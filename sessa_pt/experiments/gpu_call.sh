@@ -7,7 +7,7 @@
 #     EXPERIMENT: symbolsoup | symbolsoup2048 | mqar | lm
 #     PHASE:      sweep (lr sweep, choice on the validation split) | seeds (final runs) |
 #                 all (the sweep on a short budget, then the seeds at its choice: one call
-#                 per experiment)
+#                 per experiment; choice.json is copied to $OUT as soon as the sweep ends)
 #
 # Environment (all optional):
 #   TRAIN_MINUTES  per-run training cap (default 4.0, 3.5 with PHASE=all; the trainer stops at
@@ -73,11 +73,26 @@ args+=(--runs-per-gpu $(( 3 * n_variants )))
 if [[ $phase == seeds && -f results/$name/choice.json ]]; then
   args+=(--choice "results/$name/choice.json")
 fi
-$PY -m sessa_pt.experiments "$exp" "$phase" "${args[@]}" "$@" > "$OUT/driver.log" 2>&1
-code=$?
-stamp "phase $phase (exit $code):"
-
 d=$work/$name
+if [[ $phase == all ]]; then
+  # the two phases one after the other, the sweep's choice copied out between them: a call cut
+  # by its time limit during the seeds still brings the choice back
+  $PY -m sessa_pt.experiments "$exp" sweep "${args[@]}" "$@" > "$OUT/driver.log" 2>&1
+  code=$?
+  stamp "phase sweep (exit $code):"
+  cp "$d/sweep/choice.json" "$OUT/" 2>/dev/null
+  if [[ $code == 0 ]]; then
+    $PY -m sessa_pt.experiments "$exp" seeds "${args[@]}" --choice "$d/sweep/choice.json" \
+      "$@" >> "$OUT/driver.log" 2>&1
+    code=$?
+    stamp "phase seeds (exit $code):"
+  fi
+else
+  $PY -m sessa_pt.experiments "$exp" "$phase" "${args[@]}" "$@" > "$OUT/driver.log" 2>&1
+  code=$?
+  stamp "phase $phase (exit $code):"
+fi
+
 [[ $phase != seeds ]] && cp "$d/sweep/choice.json" "$OUT/" 2>/dev/null
 if [[ $phase != sweep ]]; then
   cp "$d/seeds/summary.json" "$d/seeds/RESULTS.md" "$OUT/" 2>/dev/null
