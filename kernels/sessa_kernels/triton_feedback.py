@@ -261,7 +261,7 @@ def _dq_dk(q, k, g, u, s, lse, dg, cfg: _Cfg, BK: int) -> tuple[Tensor, Tensor]:
       dk[:r0] += P[:, :r0]^T q[rows], one GEMM each;
     - the diagonal part by blocks of GEMM_ROWS rows lo..bhi: dq[lo:bhi] += P k[r0:bhi],
       dk[r0:bhi] += P^T q[lo:bhi].
-    dq of the panel and dk are summed in float32."""
+    dq of a later panel (two parts) and dk are summed in float32."""
     from sessa_kernels import _fb_kernels as kern
 
     B, T, DK = q.shape
@@ -279,17 +279,22 @@ def _dq_dk(q, k, g, u, s, lse, dg, cfg: _Cfg, BK: int) -> tuple[Tensor, Tensor]:
             DK=DK, D=D, BM=bm, BK=BK, num_warps=8 if bm >= 128 else 4)
         hi = min(r0 + rows, T)
         p = panel[:, :hi - r0]
+        dq_p = None         # the first panel has no earlier columns: its row blocks are all of dq
         if r0:
-            dq_p = torch.bmm(p[:, :, :r0], k[:, :r0]).float()
-            dk[:, :r0] += torch.bmm(p[:, :, :r0].transpose(1, 2), q[:, r0:hi])
-        else:
-            dq_p = torch.zeros(B, hi, DK, dtype=torch.float32, device=q.device)
+            before = p[:, :, :r0]
+            dq_p = torch.bmm(before, k[:, :r0]).float()
+            dk[:, :r0] += torch.bmm(before.transpose(1, 2), q[:, r0:hi])
         for lo in range(r0, hi, GEMM_ROWS):
             bhi = min(lo + GEMM_ROWS, hi)
             tile = p[:, lo - r0:bhi - r0, r0:bhi]
-            dq_p[:, lo - r0:bhi - r0] += torch.bmm(tile, k[:, r0:bhi])
+            part = torch.bmm(tile, k[:, r0:bhi])
+            if dq_p is None:
+                dq[:, lo:bhi] = part
+            else:
+                dq_p[:, lo - r0:bhi - r0] += part
             dk[:, r0:bhi] += torch.bmm(tile.transpose(1, 2), q[:, lo:bhi])
-        dq[:, r0:hi] = dq_p
+        if dq_p is not None:
+            dq[:, r0:hi] = dq_p
     return dq, dk.to(k.dtype)
 
 
