@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sessa_kernels.oplib import define_op
 from sessa_kernels.precision import accumulation_dtype
 
 
@@ -130,30 +131,25 @@ def _backward(q: Tensor, k: Tensor, g: Tensor, s: Tensor, lse: Tensor, r: Tensor
     return dq, dk, dgamma, u
 
 
-@torch.library.custom_op("sessa::feedback_chunked_fwd", mutates_args=())
-def feedback_chunked_fwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float,
-                         chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd_op(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float,
+            chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Forward solve on inputs of one float dtype (the solve dtype): (s, lse, r) in that dtype;
     lse (B, T) in natural-log units (+inf at t = 0)."""
     return _forward(q_b, k_b, gamma, f, scale, chunk_size)
 
 
-@feedback_chunked_fwd.register_fake
-def _(q_b, k_b, gamma, f, scale, chunk_size):
+def _fwd_fake(q_b, k_b, gamma, f, scale, chunk_size):
     B, T, D = f.shape
     return f.new_empty(B, T, D), f.new_empty(B, T), f.new_empty(B, T, D)
 
 
-@torch.library.custom_op("sessa::feedback_chunked_bwd", mutates_args=())
-def feedback_chunked_bwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, s: Tensor, lse: Tensor,
-                         r: Tensor, ds: Tensor, scale: float, chunk_size: int
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _bwd_op(q_b: Tensor, k_b: Tensor, gamma: Tensor, s: Tensor, lse: Tensor, r: Tensor,
+            ds: Tensor, scale: float, chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq_b, dk_b, dgamma, df) from the forward's saved state and ds, in the solve dtype."""
     return _backward(q_b, k_b, gamma, s, lse, r, ds.to(s.dtype), scale, chunk_size)
 
 
-@feedback_chunked_bwd.register_fake
-def _(q_b, k_b, gamma, s, lse, r, ds, scale, chunk_size):
+def _bwd_fake(q_b, k_b, gamma, s, lse, r, ds, scale, chunk_size):
     return (torch.empty_like(q_b, memory_format=torch.contiguous_format),
             torch.empty_like(k_b, memory_format=torch.contiguous_format),
             torch.empty_like(gamma, memory_format=torch.contiguous_format),
@@ -175,7 +171,11 @@ def _backward_formula(ctx, ds, _dlse, _dr):
     return (*feedback_chunked_bwd(q_b, k_b, gamma, s, lse, r, ds, *ctx.settings), None, None)
 
 
-feedback_chunked_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
+feedback_chunked_bwd = define_op(__name__, __file__, "feedback_chunked_bwd", _bwd_op,
+                                 fake=_bwd_fake)
+feedback_chunked_fwd = define_op(__name__, __file__, "feedback_chunked_fwd", _fwd_op,
+                                 fake=_fwd_fake, backward=_backward_formula,
+                                 setup_context=_setup_context)
 
 
 def feedback_chunked(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,

@@ -10,8 +10,8 @@ online max and sum) and then its values once, one channel block at a time; a sec
 kernel merges the splits' (max, sum, partial output) and adds f_t. A plain PyTorch fallback
 (float32) runs everywhere else.
 
-The Triton path is a PyTorch custom operator, ``sessa::feedback_decode_triton``, so a
-torch.compile'd decode step calls it as one opaque op. It is CUDA-graph capturable: no host synchronisation, no ``.item()``, the device
+The Triton path is a PyTorch custom operator, ``sessa::feedback_decode_triton``
+(``sessa_kernels.oplib``), so a torch.compile'd decode step calls it as one opaque op. It is CUDA-graph capturable: no host synchronisation, no ``.item()``, the device
 query is cached (``_sm_count``), and the scratch buffers (allocated per call, from the graph's
 pool while capturing) have shapes fixed by (B, P, Dk, D). A captured step replays with the
 context length P of its capture; it reads q_b_t, gamma_t, f_t and the caches from the
@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from sessa_kernels.oplib import define_op
 from sessa_kernels.precision import accumulation_dtype
 
 
@@ -46,9 +47,8 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-@torch.library.custom_op("sessa::feedback_decode_triton", mutates_args=())
-def feedback_decode_triton(q_b_t: Tensor, gamma_t: Tensor, f_t: Tensor, K_b: Tensor, S: Tensor,
-                           scale: float) -> Tensor:
+def _decode_triton(q_b_t: Tensor, gamma_t: Tensor, f_t: Tensor, K_b: Tensor, S: Tensor,
+                   scale: float) -> Tensor:
     """The split-K Triton read as a PyTorch custom operator (opaque to torch.compile; no
     autograd: decoding runs without gradients). Returns a new (B, D) tensor in f_t's dtype.
     The caches may be views of preallocated (B, capacity, D) buffers: rows must be dense, the
@@ -86,9 +86,12 @@ def feedback_decode_triton(q_b_t: Tensor, gamma_t: Tensor, f_t: Tensor, K_b: Ten
     return out
 
 
-@feedback_decode_triton.register_fake
-def _(q_b_t, gamma_t, f_t, K_b, S, scale):
+def _decode_triton_fake(q_b_t, gamma_t, f_t, K_b, S, scale):
     return torch.empty_like(f_t, memory_format=torch.contiguous_format)
+
+
+feedback_decode_triton = define_op(__name__, __file__, "feedback_decode_triton", _decode_triton,
+                                   fake=_decode_triton_fake)
 
 
 def feedback_decode_step(q_b_t: Tensor, gamma_t: Tensor, f_t: Tensor, K_b: Tensor, S: Tensor,

@@ -21,10 +21,10 @@ no scratch). On the H200 the panel layer takes 0.73-0.98x the queue layer's time
 (BENCHMARKS.md).
 
 The forward and the backward are PyTorch custom operators, ``sessa::feedback_triton_fwd`` and
-``sessa::feedback_triton_bwd`` (``torch.library``), with fake implementations (shapes, dtypes,
-contiguous strides) and the autograd formula registered: torch.compile keeps each as one opaque
-call and compiles everything around it (tracing into the kernel launches would make inductor
-re-lower our ``tl.dot`` calls, which fails). The real implementations make every input
+``sessa::feedback_triton_bwd`` (defined through ``sessa_kernels.oplib``), with fake
+implementations (shapes, dtypes, contiguous strides) and the autograd formula registered:
+torch.compile keeps each as one opaque call and compiles everything around it (tracing into
+the kernel launches would make inductor re-lower our ``tl.dot`` calls, which fails). The real implementations make every input
 contiguous, as the kernels index with dense row-major offsets, whatever layout the compiled
 graph hands them.
 
@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from sessa_kernels.chunked import check_feedback_inputs
+from sessa_kernels.oplib import define_op
 
 LOG2E = 1.4426950408889634
 SOLVES = ("panel", "queue")
@@ -171,10 +172,9 @@ def _cfg(scale: float, block_m: int, block_d: int, precision: str, solve: str,
     return _Cfg(scale, block_m, block_d, precision, solve, panel_rows or None, panel_mib, dtype)
 
 
-@torch.library.custom_op("sessa::feedback_triton_fwd", mutates_args=())
-def feedback_triton_fwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float,
-                        block_m: int, block_d: int, precision: str, solve: str,
-                        panel_mib: float, panel_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd_op(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float, block_m: int,
+            block_d: int, precision: str, solve: str, panel_mib: float, panel_rows: int
+            ) -> tuple[Tensor, Tensor, Tensor]:
     """Forward solve: (s, lse, r). s (B, T, D) in f's dtype; lse (B, T) float32 in log2 units
     (+inf at t = 0); r (B, T, D) float32. q_b, k_b in f's dtype (float16, bfloat16 or
     float32); gamma any float dtype. ``panel_rows`` 0: W from ``panel_mib``."""
@@ -203,18 +203,16 @@ def feedback_triton_fwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scal
     return s, lse, r
 
 
-@feedback_triton_fwd.register_fake
-def _(q_b, k_b, gamma, f, scale, block_m, block_d, precision, solve, panel_mib, panel_rows):
+def _fwd_fake(q_b, k_b, gamma, f, scale, block_m, block_d, precision, solve, panel_mib,
+              panel_rows):
     B, T, D = f.shape
     return (f.new_empty(B, T, D), f.new_empty(B, T, dtype=torch.float32),
             f.new_empty(B, T, D, dtype=torch.float32))
 
 
-@torch.library.custom_op("sessa::feedback_triton_bwd", mutates_args=())
-def feedback_triton_bwd(q_b: Tensor, k_b: Tensor, gamma: Tensor, s: Tensor, lse: Tensor,
-                        r: Tensor, ds: Tensor, scale: float, block_m: int, block_d: int,
-                        precision: str, solve: str, panel_mib: float, panel_rows: int
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _bwd_op(q_b: Tensor, k_b: Tensor, gamma: Tensor, s: Tensor, lse: Tensor, r: Tensor,
+            ds: Tensor, scale: float, block_m: int, block_d: int, precision: str, solve: str,
+            panel_mib: float, panel_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward from the forward's saved state and ds: (dq_b, dk_b, dgamma, df) in the dtypes
     of q_b, k_b, gamma and s."""
     from sessa_kernels import _fb_kernels as kern
@@ -298,9 +296,8 @@ def _dq_dk(q, k, g, u, s, lse, dg, cfg: _Cfg, BK: int) -> tuple[Tensor, Tensor]:
     return dq, dk.to(k.dtype)
 
 
-@feedback_triton_bwd.register_fake
-def _(q_b, k_b, gamma, s, lse, r, ds, scale, block_m, block_d, precision, solve, panel_mib,
-      panel_rows):
+def _bwd_fake(q_b, k_b, gamma, s, lse, r, ds, scale, block_m, block_d, precision, solve,
+              panel_mib, panel_rows):
     return (torch.empty_like(q_b, memory_format=torch.contiguous_format),
             torch.empty_like(k_b, memory_format=torch.contiguous_format),
             torch.empty_like(gamma, memory_format=torch.contiguous_format),
@@ -323,7 +320,11 @@ def _backward(ctx, ds, _dlse, _dr):
     return (dq, dk, dg, df) + (None,) * len(ctx.settings)
 
 
-feedback_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+feedback_triton_bwd = define_op(__name__, __file__, "feedback_triton_bwd", _bwd_op,
+                                fake=_bwd_fake)
+feedback_triton_fwd = define_op(__name__, __file__, "feedback_triton_fwd", _fwd_op,
+                                fake=_fwd_fake, backward=_backward,
+                                setup_context=_setup_context)
 
 
 def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,

@@ -99,8 +99,8 @@ def dynamics_table(runs: list[dict[str, Any]], variants: list[str], labels: dict
     if not have:
         return []
     lines = ["Training stability per run (pre-clip gradient norm from the per-step log):", "",
-             "| model | seed | max grad norm (step) | max around the end of warmup | "
-             "steps clipped | loss spikes | non-finite steps |", "|---|---|---|---|---|---|---|"]
+             ("| model | seed | max grad norm (step) | max around the end of warmup | "
+              "steps clipped | loss spikes | non-finite steps |"), "|---|---|---|---|---|---|---|"]
     for v in variants:
         for r in (r for r in have if r["variant"] == v):
             d = r["dynamics"]

@@ -16,7 +16,9 @@ modules becomes a relative import of that file:
 The second form is invisible to transformers' regex, so :func:`copy_hints` lists every bundled
 file in a ``TYPE_CHECKING`` block of the modeling file (never executed, but seen by the regex).
 The Triton kernels are bundled too and are only imported when a Triton path runs (CUDA), so
-loading on a machine without Triton works.
+loading on a machine without Triton works. The bundled kernel modules define their custom
+operators under a namespace of their own copy (``sessa_kernels.oplib``): an export loaded where
+sessa_pt is installed, or beside another export, leaves the other copies' operators in place.
 """
 
 from __future__ import annotations

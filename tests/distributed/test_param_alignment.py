@@ -40,7 +40,7 @@ for mixer, extra in (("sessa", []), ("mamba2", ["model.mamba2.head_dim=8"])):
 
 def test_zero1_packs_every_aligned_size_on_a_16_byte_boundary(tmp_path):
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split(" ", 3) for line in out.stdout.splitlines()
             if line.startswith(("sessa ", "mamba2 "))]

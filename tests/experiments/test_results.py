@@ -75,7 +75,7 @@ def test_training_dynamics_from_the_step_log(tmp_path) -> None:
     from sessa_pt.experiments.results import dynamics_table, training_dynamics
 
     norms = [0.5, 0.8, 3.0, 1.2, float("nan"), 0.9, 0.4, 5.0]   # step 5 non-finite
-    rows = [{"step": i + 1, "grad_norm": g, "nonfinite": g != g} for i, g in enumerate(norms)]
+    rows = [{"step": i + 1, "grad_norm": g, "nonfinite": math.isnan(g)} for i, g in enumerate(norms)]
     (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "spikes.jsonl").write_text('{"step": 3}\n')
     d = training_dynamics(tmp_path, grad_clip=1.0, warmup=2)

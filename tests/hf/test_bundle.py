@@ -32,7 +32,7 @@ def test_bundle_is_our_code_with_only_imports_rewritten():
                 "sessa_kernels._decode_kernels", "sessa_kernels._fb_kernels",
                 "sessa_kernels._fb_panel_kernels", "sessa_kernels.precision",
                 "sessa_kernels.ce_triton", "sessa_kernels._ce_kernels",
-                "sessa_kernels.ssd_triton", "sessa_kernels._ssd_kernels"}
+                "sessa_kernels.ssd_triton", "sessa_kernels._ssd_kernels", "sessa_kernels.oplib"}
     assert set(files) == {file_name(m) + ".py" for m in expected}
     for module in expected:
         original = pathlib.Path(importlib.util.find_spec(module).origin).read_text()

@@ -58,6 +58,18 @@ def test_exported_logits_and_greedy_decoding_equal_ours(family, family_runs, exp
     assert torch.equal(got[:, batch.shape[1]:], ref)
     # prefill, then one token per step: the recurrent caches are used, nothing is recomputed
     assert lengths == [batch.shape[1]] + [1] * 5
+    _assert_installed_ops_untouched()
+
+
+def _assert_installed_ops_untouched() -> None:
+    """The export's bundled kernel modules, now imported in this process, defined their own
+    operators and left the installed package's in place (``sessa_kernels.oplib``)."""
+    import sessa_kernels.chunked  # noqa: F401      (the installed ops exist in this process)
+    from torch._library.custom_ops import OPDEFS  # torch's registry of custom ops
+
+    ours = {q: d for q, d in OPDEFS.items() if q.startswith("sessa::")}
+    assert ours and all(d._init_fn.__module__.startswith("sessa_kernels.")
+                        for d in ours.values()), {q: d._init_fn.__module__ for q, d in ours.items()}
 
 
 def test_exported_tokenizer_is_the_runs_sentencepiece(exports, text_run):

@@ -32,9 +32,10 @@ def _grad_inputs(*xs):
     return [x.clone().requires_grad_() for x in xs]
 
 
-def _opcheck_all() -> None:
-    """``torch.library.opcheck`` of every feedback op (run by the test below in a process of its
-    own)."""
+def test_feedback_ops_pass_opcheck() -> None:
+    """``torch.library.opcheck`` (schema, fake tensor, autograd registration, AOT dispatch) of
+    every feedback op: the chunked ones, and the Triton ones (under the interpreter on CPU)."""
+    pytest.importorskip("triton")
     from sessa_kernels.chunked import feedback_chunked_bwd, feedback_chunked_fwd
 
     q, k, g, f = _inputs(dtype=F64)
@@ -54,24 +55,6 @@ def _opcheck_all() -> None:
                                                 *settings))
     K, S = torch.randn(2, 70, 16, device=dev), torch.randn(2, 70, 16, device=dev)
     torch.library.opcheck(feedback_decode_triton, (q[:, 0], g[:, 0], f[:, 0], K, S, 0.25))
-    print("opcheck ok")
-
-
-def test_feedback_ops_pass_opcheck() -> None:
-    """opcheck (schema, fake tensor, autograd registration, AOT dispatch) of the chunked and
-    Triton (interpreter on CPU) ops. In a fresh process: inside the long CPU suite, opcheck's
-    schema check crashed the interpreter after earlier tests had run (a segfault in
-    SchemaCheckMode, never alone), so it gets a process of its own."""
-    pytest.importorskip("triton")
-    import subprocess
-    import sys
-
-    code = "from tests.models.test_sessa_compile import _opcheck_all; _opcheck_all()"
-    proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
-                          text=True,
-                          timeout=600, env=dict(os.environ, TRITON_INTERPRET=os.environ.get(
-                              "TRITON_INTERPRET", "" if torch.cuda.is_available() else "1")))
-    assert proc.returncode == 0 and "opcheck ok" in proc.stdout, proc.stderr[-3000:]
 
 
 def _block(impl: str, seed: int = 0, **kw) -> SessaBlock:
