@@ -20,9 +20,10 @@ and r); temporaries are O(C T) per chunk (one chunk's scores against the past). 
 and backward are PyTorch custom operators (``sessa::feedback_chunked_fwd`` / ``_bwd``, autograd
 registered, fake implementations for shapes), like the Triton kernels' operators, so
 torch.compile keeps the chunk loop as one opaque call (and the CPU tests exercise the same
-operator machinery as the GPU path). Everything runs in float32 (float64 for float64 inputs). This is the readable
-reference of the Triton kernels in ``triton_feedback.py`` (same blocking, same statistics) and
-the CPU path; on a GPU it is correct but launch-bound (a Python loop over T / C chunks).
+operator machinery as the GPU path). Everything runs in float32 (float64 for float64 inputs).
+This is the readable reference of the Triton kernels in ``triton_feedback.py`` (same blocking,
+same statistics) and the CPU path; on a GPU it is correct but launch-bound (a Python loop over
+T / C chunks).
 """
 
 from __future__ import annotations

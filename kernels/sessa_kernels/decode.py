@@ -11,9 +11,10 @@ kernel merges the splits' (max, sum, partial output) and adds f_t. A plain PyTor
 (float32) runs everywhere else.
 
 The Triton path is a PyTorch custom operator, ``sessa::feedback_decode_triton``
-(``sessa_kernels.oplib``), so a torch.compile'd decode step calls it as one opaque op. It is CUDA-graph capturable: no host synchronisation, no ``.item()``, the device
-query is cached (``_sm_count``), and the scratch buffers (allocated per call, from the graph's
-pool while capturing) have shapes fixed by (B, P, Dk, D). A captured step replays with the
+(``sessa_kernels.oplib``), so a torch.compile'd decode step calls it as one opaque op. It is
+CUDA-graph capturable: no host synchronisation, no ``.item()``, the device query is cached
+(``_sm_count``), and the scratch buffers (allocated per call, from the graph's pool while
+capturing) have shapes fixed by (B, P, Dk, D). A captured step replays with the
 context length P of its capture; it reads q_b_t, gamma_t, f_t and the caches from the
 addresses it was captured with (``kernels/benchmarks/bench_sessa_layer.py``, ``bench_decode``).
 """

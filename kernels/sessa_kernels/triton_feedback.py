@@ -24,9 +24,9 @@ The forward and the backward are PyTorch custom operators, ``sessa::feedback_tri
 ``sessa::feedback_triton_bwd`` (defined through ``sessa_kernels.oplib``), with fake
 implementations (shapes, dtypes, contiguous strides) and the autograd formula registered:
 torch.compile keeps each as one opaque call and compiles everything around it (tracing into
-the kernel launches would make inductor re-lower our ``tl.dot`` calls, which fails). The real implementations make every input
-contiguous, as the kernels index with dense row-major offsets, whatever layout the compiled
-graph hands them.
+the kernel launches would make inductor re-lower our ``tl.dot`` calls, which fails). The real
+implementations make every input contiguous, as the kernels index with dense row-major offsets,
+whatever layout the compiled graph hands them.
 
 Triton is imported lazily, so ``import sessa_kernels`` works without it. On a machine without
 CUDA the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before the
