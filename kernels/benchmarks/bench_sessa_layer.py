@@ -4,7 +4,8 @@ The layer is the paper's gated block (LN -> W_in -> GELU / gate -> mixer -> W_ou
 ``sessa_pt.models.blocks.GatedBlock``) with the mixer ``SessaMixer(impl=dense|chunked|triton)``
 or ``AttentionMixer``; ``triton`` is the triton mixer with ``solve="queue"``, ``triton_panel``
 with ``solve="panel"`` (the default of ``model.sessa.solve``), ``triton_panel_c128`` the same
-with 128-row chunks (``model.sessa.chunk_size=128``); a ``+compile`` suffix runs the block under
+with 128-row chunks (``model.sessa.chunk_size=128``), ``triton_panel_m64`` with a 64 MiB
+scratch budget (``model.sessa.panel_mib=64``); a ``+compile`` suffix runs the block under
 torch.compile (e.g. ``attention+compile,triton_panel+compile``). D=1024, 16 heads, bf16, 16k
 tokens per batch (B = 16384 / T, B = 1 beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
 (weights and the input). Run on the GPU machine:
@@ -39,6 +40,9 @@ TRITON_VARIANTS = {
     "triton_panel": {"solve": "panel", "chunk_size": 64},
     # half the sequential depth of the solves (T / 128 chunk steps), 2x the in-chunk work
     "triton_panel_c128": {"solve": "panel", "chunk_size": 128},
+    # a quarter of the default scratch budget: at T=8192, B=2 the default's panels are the whole
+    # B x T x T (0.25 GiB); 64 MiB caps them at four super-chunks of rows
+    "triton_panel_m64": {"solve": "panel", "chunk_size": 64, "panel_mib": 64.0},
 }
 COMPILED = "+compile"       # suffix: the same block under torch.compile (e.g. triton_panel+compile)
 

@@ -11,8 +11,9 @@
 # mlflow, webdataset are installed from it into a scratch folder):
 #   bash kernels/benchmarks/session4_gpu.sh [OUT_DIR]          (default $OUT or /tmp/s4_out)
 # PARTS (default "tests layers train") picks parts; "tests_train" (the bf16 trainer tests:
-# eager, compiled, compiled + activation checkpointing; ~2 minutes) and "train_long" (the same
-# recipes at T=16384, micro batch 1-2; a call of its own) are extra. Each part runs
+# eager, compiled, compiled + activation checkpointing; ~2 minutes), "train_long" (the same
+# recipes at T=16384, micro batch 1-2; a call of its own) and "layers_mem" (panel_mib 256 vs 64
+# at T=8192 and 16384, LAYERS_MEM_S) are extra. Each part runs
 # under its own time limit (TESTS_S, LAYERS_S, TRAIN_S, TESTS_TRAIN_S; each training run
 # RUN_S), so one failure or hang cannot lose the rest. ONLY (run names) keeps only those
 # training runs, TESTS_K replaces the tests part's -k filter. RECIPES (default recipes/m125), SEQ
@@ -68,6 +69,14 @@ if want layers; then
         --impls attention+compile,triton_panel+compile,triton_panel_c128+compile --decode '' \
         --json "$OUT_DIR/layers.json"
     grep -A 20 '^ *T ' "$OUT_DIR/layers.log" >"$OUT_DIR/layers.md" 2>/dev/null
+fi
+# (b') the panel scratch budget's share of the layer's memory and its time cost: the default
+# 256 MiB against 64 MiB (model.sessa.panel_mib) where the default's panels are all of T x T
+if want layers_mem; then
+    part layers_mem "${LAYERS_MEM_S:-150}" python3 $BENCH/bench_sessa_layer.py --seq 8192,16384 \
+        --impls attention+compile,triton_panel+compile,triton_panel_m64+compile --decode '' \
+        --json "$OUT_DIR/layers_mem.json"
+    grep -A 20 '^ *T ' "$OUT_DIR/layers_mem.log" >"$OUT_DIR/layers_mem.md" 2>/dev/null
 fi
 
 # (c) recipes/m125 at T=2048 on SymbolSoup shards made here (the token content does not change
