@@ -40,8 +40,8 @@ TRITON_VARIANTS = {
     "triton_panel": {"solve": "panel", "chunk_size": 64},
     # half the sequential depth of the solves (T / 128 chunk steps), 2x the in-chunk work
     "triton_panel_c128": {"solve": "panel", "chunk_size": 128},
-    # a quarter of the default scratch budget: at T=8192, B=2 the default's panels are the whole
-    # B x T x T (0.25 GiB); 64 MiB caps them at four super-chunks of rows
+    # a quarter of the default scratch budget: at T=8192, B=2 the default's panels hold 7680 of
+    # the 8192 rows (0.25 GiB); 64 MiB caps them at 1920 rows
     "triton_panel_m64": {"solve": "panel", "chunk_size": 64, "panel_mib": 64.0},
 }
 COMPILED = "+compile"       # suffix: the same block under torch.compile (e.g. triton_panel+compile)

@@ -259,7 +259,11 @@ def _dq_dk(q, k, g, u, s, lse, dg, cfg: _Cfg, BK: int) -> tuple[Tensor, Tensor]:
       dk[:r0] += P[:, :r0]^T q[rows], one GEMM each;
     - the diagonal part by blocks of GEMM_ROWS rows lo..bhi: dq[lo:bhi] += P k[r0:bhi],
       dk[r0:bhi] += P^T q[lo:bhi].
-    dq of a later panel (two parts) and dk are summed in float32."""
+    dq of a later panel (two parts) and dk are summed in float32.
+    When one panel holds every row (W = T_pad: short T), dq = P k and dk = P^T q are one GEMM
+    each over the whole panel, written in the input dtype: the zero tiles above the diagonal
+    cost up to 1.6x the blocked products' FLOPs (a fraction of a millisecond at such T), and
+    no float32 dk (B x T x Dk x 4 bytes) is allocated."""
     from sessa_kernels import _fb_kernels as kern
 
     B, T, DK = q.shape
@@ -268,13 +272,21 @@ def _dq_dk(q, k, g, u, s, lse, dg, cfg: _Cfg, BK: int) -> tuple[Tensor, Tensor]:
     t_pad = math.ceil(T / bm) * bm
     W = panel_width(B, T, bm, k.dtype.itemsize, cfg.panel_rows, cfg.panel_mib)
     panel = torch.empty(B, W, t_pad, dtype=k.dtype, device=q.device)
+
+    def dlogit_rows(r0: int, rows: int) -> None:
+        kern.bwd_dlogit_panel[(rows // bm, (r0 + rows) // bm, B)](
+            q, k, g, u, s, lse, dg, panel, T, r0, W, t_pad, cfg.scale * LOG2E, cfg.scale,
+            DK=DK, D=D, BM=bm, BK=BK, num_warps=8 if bm >= 128 else 4)
+
+    if W == t_pad:
+        dlogit_rows(0, t_pad)
+        p = panel[:, :T, :T]
+        return torch.bmm(p, k), torch.bmm(p.transpose(1, 2), q)
     dq = torch.empty_like(q)
     dk = torch.zeros(B, T, DK, dtype=torch.float32, device=q.device)
     for r0 in range(0, T, W):
         rows = min(W, t_pad - r0)
-        kern.bwd_dlogit_panel[(rows // bm, (r0 + rows) // bm, B)](
-            q, k, g, u, s, lse, dg, panel, T, r0, W, t_pad, cfg.scale * LOG2E, cfg.scale,
-            DK=DK, D=D, BM=bm, BK=BK, num_warps=8 if bm >= 128 else 4)
+        dlogit_rows(r0, rows)
         hi = min(r0 + rows, T)
         p = panel[:, :hi - r0]
         dq_p = None         # the first panel has no earlier columns: its row blocks are all of dq

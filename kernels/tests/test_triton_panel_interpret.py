@@ -130,3 +130,41 @@ def test_panel_width_bound() -> None:
     for B, T in ((2, 8192), (1, 32768), (1, 131072)):
         W = panel_width(B, T, 64, 2, panel_mib=64)
         assert B * W * T * (2 + 8 / 64) <= 64 * 2**20
+
+
+def test_dq_dk_single_panel_is_two_gemms_without_a_float32_dk() -> None:
+    """When one panel holds every row, dq and dk are one product each in the input dtype: equal
+    to the panel-by-panel products (4 panels) and no float32 (B, T, Dk) buffer is made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sessa_kernels import triton_feedback as tf
+
+    B, T, DK = 2, 100, 16
+    q, k, g, f, ds = feedback_inputs(B, T, DK, 24, routing="sharp", dtype=torch.float32,
+                                     device=DEV, seed=11)
+    q, k = q.contiguous(), k.contiguous()
+    settings = (DK**-0.5, 16, 16, "ieee", "panel", 256.0)
+    s, lse, r = tf.feedback_triton_fwd(q, k, g, f, *settings, 0)
+    u = torch.randn_like(s)
+    dg = (u * r).sum(-1)
+
+    class Float32Buffers(TorchDispatchMode):
+        shapes: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.zeros.default, torch.ops.aten.empty.memory_format) \
+                    and out.dtype == torch.float32:
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    def dq_dk(rows: int):
+        cfg = tf._cfg(*settings, rows, torch.float32)
+        return tf._dq_dk(q, k, g, u, s, lse, dg, cfg, BK=16)
+
+    with Float32Buffers() as mode:
+        one = dq_dk(0)                                   # default budget: one panel of 112 rows
+    assert (B, T, DK) not in mode.shapes, mode.shapes
+    four = dq_dk(32)                                     # 32-row panels
+    for a, b in zip(one, four, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
