@@ -135,13 +135,12 @@ def test_panel_width_bound() -> None:
 def test_dq_dk_single_panel_is_two_gemms_without_a_float32_dk() -> None:
     """When one panel holds every row, dq and dk are one product each in the input dtype: equal
     to the panel-by-panel products (4 panels) and no float32 (B, T, Dk) buffer is made."""
+    from sessa_kernels import triton_feedback as tf
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from sessa_kernels import triton_feedback as tf
-
     B, T, DK = 2, 100, 16
-    q, k, g, f, ds = feedback_inputs(B, T, DK, 24, routing="sharp", dtype=torch.float32,
-                                     device=DEV, seed=11)
+    q, k, g, f, _ = feedback_inputs(B, T, DK, 24, routing="sharp", dtype=torch.float32,
+                                    device=DEV, seed=11)
     q, k = q.contiguous(), k.contiguous()
     settings = (DK**-0.5, 16, 16, "ieee", "panel", 256.0)
     s, lse, r = tf.feedback_triton_fwd(q, k, g, f, *settings, 0)
@@ -149,7 +148,9 @@ def test_dq_dk_single_panel_is_two_gemms_without_a_float32_dk() -> None:
     dg = (u * r).sum(-1)
 
     class Float32Buffers(TorchDispatchMode):
-        shapes: list = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.shapes: list[tuple[int, ...]] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
