@@ -109,10 +109,14 @@ train_part() {
         run sessa_c_mb16_ckpt sessa 16 train.compile=true train.activation_checkpointing=blocks
         SESSA_PT_PROFILE=7:2 run sessa_c_mb32 sessa 32 train.compile=true
         SESSA_PT_PROFILE=7:2 run m2_c_mb16 mamba2 16 train.compile=true model.mamba2.impl=triton
-    else                           # long context (PARTS=train_long, SEQ=16384): micro batch 1
-        run sessa_c_mb1 sessa 1 train.compile=true
+    else                           # long context (PARTS=train_long, SEQ=16384): micro batch 1,
+        # with profiles (is a 16k-token step bound by its launches?), then micro batch 2 of the
+        # baselines (each model at its best micro batch)
+        SESSA_PT_PROFILE=7:2 run sessa_c_mb1 sessa 1 train.compile=true
         run tf_c_mb1 transformer 1 train.compile=true
-        run m2_c_mb1 mamba2 1 train.compile=true model.mamba2.impl=triton
+        SESSA_PT_PROFILE=7:2 run m2_c_mb1 mamba2 1 train.compile=true model.mamba2.impl=triton
+        run m2_c_mb2 mamba2 2 train.compile=true model.mamba2.impl=triton
+        run tf_c_mb2 transformer 2 train.compile=true
         run sessa_c_mb1_ckpt sessa 1 train.compile=true train.activation_checkpointing=blocks
         run sessa_c_mb2_ckpt sessa 2 train.compile=true train.activation_checkpointing=blocks
     fi
@@ -125,8 +129,9 @@ train_part() {
         [ -f "$prof" ] || continue
         local name; name=$(basename "$(dirname "$prof")")
         cp "$prof" "$OUT_DIR/profile_$name.txt"
-        echo "--- profile of $name (top kernels by GPU time)"
+        echo "--- profile of $name (top kernels by GPU time, then GPU time by kind)"
         head -n 32 "$prof" | cut -c1-100,150-175
+        python3 -m sessa_pt.train.profile_summary "$prof"
         echo "--- GEMM kernels of $name (align1 / sm75 / sm80 / fp32 ones are off the fast path)"
         grep -iE "gemm|cutlass|nvjet|xmma|align1|sm75|sm80" "$prof" \
             | tee "$OUT_DIR/profile_gemms_$name.txt" | head -n 12 | cut -c1-100,150-175
