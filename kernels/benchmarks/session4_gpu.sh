@@ -109,6 +109,9 @@ train_part() {
         run sessa_c_mb16_ckpt sessa 16 train.compile=true train.activation_checkpointing=blocks
         SESSA_PT_PROFILE=7:2 run sessa_c_mb32 sessa 32 train.compile=true
         SESSA_PT_PROFILE=7:2 run m2_c_mb16 mamba2 16 train.compile=true model.mamba2.impl=triton
+        # at micro batch 32 the default panel_mib=256 leaves 128 of the 2048 rows to a second
+        # panel (W = 1920): 300 MiB makes every solve and the dq/dk one panel
+        run sessa_c_mb32_p300 sessa 32 train.compile=true model.sessa.panel_mib=300
     else                           # long context (PARTS=train_long, SEQ=16384): micro batch 1,
         # with profiles (is a 16k-token step bound by its launches?), then micro batch 2 of the
         # baselines (each model at its best micro batch)
