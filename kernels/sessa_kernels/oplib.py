@@ -35,11 +35,7 @@ def namespace(module: str, source_file: str) -> str:
 
 
 def _defined(ns: str, name: str) -> bool:
-    try:
-        getattr(getattr(torch.ops, ns), name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+    return hasattr(getattr(torch.ops, ns), name)
 
 
 def define_op(module: str, source_file: str, name: str, fn: Callable, *, fake: Callable,
