@@ -10,6 +10,8 @@
 # Sessa and Mamba2 (summarised by python -m sessa_pt.train.profile_summary).
 # From the repo root, with .whl/ filled by kernels/benchmarks/gpu_wheels.sh and carried along:
 #   bash kernels/benchmarks/verify_gpu.sh [OUT_DIR]     (default $OUT; logs in OUT_DIR/verify.tgz)
+# TRAIN_ONLY (run names of session4_gpu.sh) replaces the four training runs; TESTS_K the -k
+# filter of the feedback-op tests.
 # The layer table (compiled attention, panel solve with 64- and 128-row chunks, T = 2048 to
 # 32768) and the long-context rows are a second call (~9 minutes):
 #   PARTS="layers train_long" ONLY="sessa_c_mb1 tf_c_mb1 m2_c_mb1" TRAIN_S=250 \
@@ -40,7 +42,7 @@ at "tests done"
 grep -hE "passed|failed|FAILED|ERROR|TIME LIMIT" "$W/s4t/tests.log" "$W/s4tt/tests_train.log" \
     "$W/blt/tests.log" "$W/blc/compile_all.log" | tail -24
 PARTS=train TRAIN_S=${TRAIN_S:-280} RUN_S=${RUN_S:-75} STEPS=10 \
-    ONLY="sessa_c_mb32 tf_c_mb32 m2_c_mb16 sessa_c_mb16" \
+    ONLY="${TRAIN_ONLY:-sessa_c_mb32 tf_c_mb32 m2_c_mb16 sessa_c_mb16}" \
     bash $B/session4_gpu.sh "$W/s4" >"$W/s4_train.txt" 2>&1
 at "training runs done"
 cat "$W/s4/train2048.md" 2>/dev/null

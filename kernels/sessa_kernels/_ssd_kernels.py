@@ -14,6 +14,11 @@ accumulate in float32; decays, states and the scan stay in float32. For float32 
 products run in IEEE fp32 (``PREC``), so the interpreter tests compare against float64 tightly.
 Rows past the true length T are loaded as zeros (and have dt = 0), so they add nothing.
 The group kernels loop over the heads of one B/C group so ``C B^T`` is formed once per group.
+
+Unused results get distinct names, never ``_``: to Triton's code generator ``_`` is an ordinary
+variable, and one assigned a mask before a loop and a float inside it fails to compile
+("loop-carried variable ... re-assigned"). The interpreter does not see this;
+kernels/tests/test_triton_compiles.py compiles every kernel for sm90 on the CPU.
 """
 
 from __future__ import annotations
@@ -83,7 +88,8 @@ def chunk_state_fwd(x_ptr, dt_ptr, acum_ptr, b_ptr, st_ptr,
     w = tl.exp(alast - acum) * dt
     x = tl.load(_rows(x_ptr, bi, t, h, offs_p, sxb, sxt, sxh, sxp),
                 mask=tmask[:, None] & (offs_p[None, :] < P), other=0.0)
-    bm, _, _ = _chunk_bc(b_ptr, b_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
+    bm, _b_again, _bm_mask = _chunk_bc(b_ptr, b_ptr, bi, t, g, offs_n, tmask, N,
+                                      sbb, sbt, sbg, sbn)
     xw = (x.to(tl.float32) * w[:, None]).to(x_ptr.dtype.element_ty)
     st = tl.dot(tl.trans(xw), bm, input_precision=PREC)                 # (BP, BN)
     out = st_ptr + _state_slot(bi, k, Tp // L, H, h, P, N)
@@ -124,13 +130,13 @@ def chunk_scan_fwd(x_ptr, dt_ptr, acum_ptr, b_ptr, c_ptr, ent_ptr, y_ptr,
     bi, g = bg // G, bg % G
     n_chunks = Tp // L
     offs_l, offs_p, offs_n, t, tmask = _chunk_offsets(k, T, L, BP, BN)
-    bm, cm, _ = _chunk_bc(b_ptr, c_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
+    bm, cm, _bc_mask = _chunk_bc(b_ptr, c_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
     cb = tl.dot(cm, tl.trans(bm), input_precision=PREC)                 # (L, L)
     pmask = tmask[:, None] & (offs_p[None, :] < P)
     dtype = x_ptr.dtype.element_ty
     for hh in range(HG):
         h = g * HG + hh
-        acum, _, dt = _head_decays(acum_ptr, dt_ptr, (bi.to(tl.int64) * H + h) * Tp + k * L,
+        acum, _alast, dt = _head_decays(acum_ptr, dt_ptr, (bi.to(tl.int64) * H + h) * Tp + k * L,
                                    offs_l, L)
         x = tl.load(_rows(x_ptr, bi, t, h, offs_p, sxb, sxt, sxh, sxp), mask=pmask, other=0.0)
         xdt = (x.to(tl.float32) * dt[:, None]).to(dtype)
@@ -158,7 +164,8 @@ def chunk_dstate_bwd(dy_ptr, acum_ptr, c_ptr, out_ptr,
     acum = tl.load(acum_ptr + bh.to(tl.int64) * Tp + k * L + offs_l)
     dy = tl.load(_rows(dy_ptr, bi, t, h, offs_p, syb, syt, syh, syp),
                  mask=tmask[:, None] & (offs_p[None, :] < P), other=0.0)
-    _, cm, _ = _chunk_bc(c_ptr, c_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
+    _c_again, cm, _cm_mask = _chunk_bc(c_ptr, c_ptr, bi, t, g, offs_n, tmask, N,
+                                       sbb, sbt, sbg, sbn)
     dyw = (dy.to(tl.float32) * tl.exp(acum)[:, None]).to(c_ptr.dtype.element_ty)
     d = tl.dot(tl.trans(dyw), cm, input_precision=PREC)                 # (BP, BN)
     out = out_ptr + _state_slot(bi, k, Tp // L, H, h, P, N)
@@ -207,7 +214,7 @@ def chunk_dx_bwd(x_ptr, dt_ptr, acum_ptr, b_ptr, c_ptr, dy_ptr, ds_ptr, dx_ptr, 
     bi, g = bg // G, bg % G
     n_chunks = Tp // L
     offs_l, offs_p, offs_n, t, tmask = _chunk_offsets(k, T, L, BP, BN)
-    bm, cm, _ = _chunk_bc(b_ptr, c_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
+    bm, cm, _bc_mask = _chunk_bc(b_ptr, c_ptr, bi, t, g, offs_n, tmask, N, sbb, sbt, sbg, sbn)
     bc = tl.dot(bm, tl.trans(cm), input_precision=PREC)                 # bc[s, l] = B_s . C_l
     pmask = tmask[:, None] & (offs_p[None, :] < P)
     dtype = x_ptr.dtype.element_ty
