@@ -47,6 +47,9 @@ def _geometry(x: Tensor, B: Tensor, chunk_size: int) -> dict:
 
 
 def _warps(g: dict) -> int:
+    # Small tiles get 4 warps: chunk_dbc_bwd at 8 warps with (64, 32) @ (32, 16) products
+    # (head_dim 32, d_state 16) made triton 3.6 address shared memory out of range on sm90
+    # (compute-sanitizer: "Out-of-range shared or local address" at its dy @ E product).
     return 4 if g["BN"] * g["BP"] <= 64 * 64 else 8
 
 
@@ -125,7 +128,7 @@ class _SSD(torch.autograd.Function):
             dacum = x.new_empty((b, H, Tp), dtype=torch.float32)
             kern.chunk_dbc_bwd[(b * G, c)](
                 x, dt_p, acum, B, C, dy, ent, d, dB, dC, dacum, T, Tp, H, G, g["HG"], P, N,
-                *sx, *sb, *sy, *dB.stride(), num_warps=8, num_stages=2, **common)
+                *sx, *sb, *sy, *dB.stride(), num_warps=_warps(g), num_stages=2, **common)
         # the chunk decay exp(alast) also scales the state passed on (state_pass_bwd's dg)
         dacum = dacum.view(b, H, c, L)
         alast = acum.view(b, H, c, L)[..., -1]
