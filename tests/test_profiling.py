@@ -22,6 +22,8 @@ def test_profiles_the_requested_steps_only(tmp_path: pathlib.Path, monkeypatch) 
         assert written == (step >= 3), step      # written when step 3 (the last) ends
     text = (tmp_path / "profile_rank0.txt").read_text()
     assert text.startswith("steps 2..3") and "aten::mm" in text
+    stacks = (tmp_path / "profile_stacks_rank0.txt").read_text()
+    assert "aten::mm" in stacks and "test_profiling.py" in stacks   # the calling line
 
 
 def test_off_by_default_and_bad_spec(tmp_path: pathlib.Path, monkeypatch) -> None:
