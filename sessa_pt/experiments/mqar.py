@@ -27,8 +27,12 @@ class DiffuseMQAR(Experiment):
     select_metric = "token_acc"
     breakdown = "lag"
     lrs = (3e-4, 1e-3, 3e-3)
-    sweep_budget = Budget(600, 60, 0.0)
-    final_budget = Budget(1500, 150, 0.0)
+    # Measured on one H200 (RESULTS.md, session 7): 9 runs side by side make ~11 steps/s
+    # each, and at 600 steps every model at every rate was still at the value marginal
+    # (validation loss 4.47-4.57, token accuracy 1-3%), so 600 steps could not rank the rates.
+    # 2500 steps fit a sweep call (~3.8 min per run); 4000 the final call (~6 min).
+    sweep_budget = Budget(2500, 250, 0.0)
+    final_budget = Budget(4000, 400, 0.0)
     paper: ClassVar[dict[str, dict[str, float]]] = {"sessa": {"token_acc": 0.154}, "transformer": {"token_acc": 0.122},
              "mamba2": {"token_acc": 0.002}}
     description = (f"8 queried key-value pairs (2-token keys sharing prefixes in groups of 4) "
