@@ -8,6 +8,7 @@
 #     PHASE:      sweep (lr sweep, choice on the validation split) | seeds (final runs) |
 #                 all (the sweep on a short budget, then the seeds at its choice: one call
 #                 per experiment; choice.json is copied to $OUT as soon as the sweep ends)
+#                 mqar's budgets (2500 + 4000 steps) need two calls: sweep, then seeds
 #
 # Environment (all optional):
 #   TRAIN_MINUTES  per-run training cap (default 4.0, 3.5 with PHASE=all; the trainer stops at
