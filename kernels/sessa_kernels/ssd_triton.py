@@ -9,10 +9,15 @@ state's gradient is honoured too).
 
 Seven kernels (``_ssd_kernels``): forward = chunk states, state passing, chunk scan; backward =
 the entering-state gradient of each chunk, the reverse state passing, dx/ddt and dB/dC/d(log
-decay). Per-token cumulative decays and the final reductions (dA, the reverse in-chunk cumsum)
-are small (b, H, T) tensors done in PyTorch. x, B, C and dy may be strided views (the mixer's
-split of in_proj output); no copies of them are made. Saved for backward: the inputs, the
-cumulative decays and the chunk-entering states (b, T/L, H, P, N) in float32.
+decay). They run as two PyTorch custom operators, ``sessa::ssd_triton_fwd`` and
+``sessa::ssd_triton_bwd`` (``oplib``; fake implementations for shapes, autograd registered),
+so torch.compile keeps a Mamba2 block in one graph and treats only the kernels as opaque. The
+per-token decays (dt padded to whole chunks, the in-chunk cumulative log-decay) are small
+(b, H, T) tensors made in PyTorch before the forward operator: compiled, they fuse with their
+neighbours, and autograd carries the operator's gradient of the decays back to dt and A.
+x, B, C and dy may be strided views (the mixer's split of in_proj output); no copies of them
+are made. Saved for backward: the inputs, the decays and the chunk-entering states
+(b, T/L, H, P, N) in float32.
 
 Triton is imported lazily; on CPU the kernels run under the interpreter (TRITON_INTERPRET=1
 before the first import of triton; tests only).
@@ -20,9 +25,13 @@ before the first import of triton; tests only).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sessa_kernels.oplib import define_op
 
 
 def _next_pow2(n: int) -> int:
@@ -58,96 +67,113 @@ def _warps(g: dict) -> int:
 # (three stages of the backward's tiles would come near it at d_state 128).
 
 
-class _SSD(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dt, A, B, C, initial_state, chunk_size):
-        from sessa_kernels import _ssd_kernels as kern
+def _fwd_op(x: Tensor, dt_p: Tensor, acum: Tensor, B: Tensor, C: Tensor,
+            initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """y (b, T, H, P) in x's dtype, the final state and the chunk-entering states (b, c, H, P,
+    N), both float32, from the padded dt and in-chunk cumulative log-decays (b, H, Tp)."""
+    from sessa_kernels import _ssd_kernels as kern
 
-        g = _geometry(x, B, chunk_size)
-        b, T, H, P, G, N, L, c, Tp = (g[k] for k in ("b", "T", "H", "P", "G", "N", "L", "c",
-                                                     "Tp"))
-        dt_p = F.pad(dt.float(), (0, 0, 0, Tp - T)).transpose(1, 2).contiguous()   # (b, H, Tp)
-        Af = A.float()
-        acum = (dt_p * Af[:, None]).view(b, H, c, L).cumsum(-1).view(b, H, Tp)
-        states = x.new_empty((b, c, H, P, N), dtype=torch.float32)
-        sx, sb = x.stride(), B.stride()
-        if C.stride() != sb:   # the kernels address B and C with one set of strides
-            B, C = B.contiguous(), C.contiguous()
-            sb = B.stride()
-        common = {"L": L, "BP": g["BP"], "BN": g["BN"], "PREC": g["PREC"]}
-        with torch.cuda.device(x.device) if x.is_cuda else _null():
-            kern.chunk_state_fwd[(b * H, c)](
-                x, dt_p, acum, B, states, T, Tp, H, G, g["HG"], P, N, *sx, *sb, **common)
-            PN = P * N
-            block = min(1024, _next_pow2(PN))
-            final = x.new_empty((b, H, P, N), dtype=torch.float32)
-            init = None if initial_state is None else initial_state.float().contiguous()
-            kern.state_pass_fwd[(b * H, -(-PN // block))](
-                states, acum, states if init is None else init, final, Tp, H, PN, c,
-                L=L, BLOCK=block, HAS_INIT=init is not None)
-            y = x.new_empty((b, T, H, P))
-            kern.chunk_scan_fwd[(b * G, c)](
-                x, dt_p, acum, B, C, states, y, T, Tp, H, G, g["HG"], P, N, *sx, *sb,
-                *y.stride(), num_warps=_warps(g), num_stages=2, **common)
-        ctx.save_for_backward(x, dt_p, Af, B, C, acum, states)
-        ctx.geom, ctx.has_init = g, initial_state is not None
-        ctx.dtypes = (dt.dtype, A.dtype, None if initial_state is None else initial_state.dtype)
-        return y, final
-
-    @staticmethod
-    def backward(ctx, dy, dfinal):
-        from sessa_kernels import _ssd_kernels as kern
-
-        x, dt_p, Af, B, C, acum, ent = ctx.saved_tensors
-        g = ctx.geom
-        b, T, H, P, G, N, L, c, Tp = (g[k] for k in ("b", "T", "H", "P", "G", "N", "L", "c",
-                                                     "Tp"))
-        if dy is None:
-            dy = x.new_zeros(x.shape)
-        sx, sb, sy = x.stride(), B.stride(), dy.stride()
-        common = {"L": L, "BP": g["BP"], "BN": g["BN"], "PREC": g["PREC"]}
+    g = _geometry(x, B, chunk_size)
+    b, T, H, P, G, N, L, c, Tp = (g[k] for k in ("b", "T", "H", "P", "G", "N", "L", "c", "Tp"))
+    states = x.new_empty((b, c, H, P, N), dtype=torch.float32)
+    sx, sb = x.stride(), B.stride()
+    if C.stride() != sb:   # the kernels address B and C with one set of strides
+        B, C = B.contiguous(), C.contiguous()
+        sb = B.stride()
+    common = {"L": L, "BP": g["BP"], "BN": g["BN"], "PREC": g["PREC"]}
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        kern.chunk_state_fwd[(b * H, c)](
+            x, dt_p, acum, B, states, T, Tp, H, G, g["HG"], P, N, *sx, *sb, **common)
         PN = P * N
         block = min(1024, _next_pow2(PN))
-        n_blocks = -(-PN // block)
-        with torch.cuda.device(x.device) if x.is_cuda else _null():
-            d = x.new_empty((b, c, H, P, N), dtype=torch.float32)
-            kern.chunk_dstate_bwd[(b * H, c)](
-                dy, acum, C, d, T, Tp, H, G, g["HG"], P, N, *sy, *sb, **common)
-            dinit = x.new_empty((b, H, P, N), dtype=torch.float32)
-            dg = x.new_empty((b * H, n_blocks, c), dtype=torch.float32)
-            dfin = None if dfinal is None else dfinal.float().contiguous()
-            kern.state_pass_bwd[(b * H, n_blocks)](
-                d, ent, acum, d if dfin is None else dfin, dinit, dg, Tp, H, PN, c, n_blocks,
-                L=L, BLOCK=block, HAS_DFINAL=dfin is not None)
-            dx = x.new_empty(x.shape)
-            ddt_x = x.new_empty((b, H, Tp), dtype=torch.float32)
-            kern.chunk_dx_bwd[(b * G, c)](
-                x, dt_p, acum, B, C, dy, d, dx, ddt_x, T, Tp, H, G, g["HG"], P, N,
-                *sx, *sb, *sy, *dx.stride(), num_warps=_warps(g), num_stages=2, **common)
-            dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
-            dacum = x.new_empty((b, H, Tp), dtype=torch.float32)
-            kern.chunk_dbc_bwd[(b * G, c)](
-                x, dt_p, acum, B, C, dy, ent, d, dB, dC, dacum, T, Tp, H, G, g["HG"], P, N,
-                *sx, *sb, *sy, *dB.stride(), num_warps=_warps(g), num_stages=2, **common)
-        # the chunk decay exp(alast) also scales the state passed on (state_pass_bwd's dg)
-        dacum = dacum.view(b, H, c, L)
-        alast = acum.view(b, H, c, L)[..., -1]
-        dacum[..., -1] += alast.exp() * dg.view(b, H, n_blocks, c).sum(2)
-        da = dacum.flip(-1).cumsum(-1).flip(-1).reshape(b, H, Tp)    # acum = in-chunk cumsum(a)
-        ddt = ddt_x + da * Af[:, None]
-        dA = (da * dt_p).sum(dim=(0, 2))
-        dt_dtype, A_dtype, init_dtype = ctx.dtypes
-        ddt = ddt[:, :, :T].transpose(1, 2).to(dt_dtype)
-        return (dx, ddt, dA.to(A_dtype), dB, dC,
-                dinit.to(init_dtype) if ctx.has_init else None, None)
+        final = x.new_empty((b, H, P, N), dtype=torch.float32)
+        init = None if initial_state is None else initial_state.float().contiguous()
+        kern.state_pass_fwd[(b * H, -(-PN // block))](
+            states, acum, states if init is None else init, final, Tp, H, PN, c,
+            L=L, BLOCK=block, HAS_INIT=init is not None)
+        y = x.new_empty((b, T, H, P))
+        kern.chunk_scan_fwd[(b * G, c)](
+            x, dt_p, acum, B, C, states, y, T, Tp, H, G, g["HG"], P, N, *sx, *sb,
+            *y.stride(), num_warps=_warps(g), num_stages=2, **common)
+    return y, final, states
 
 
-class _null:
-    def __enter__(self):
-        return None
+def _fwd_fake(x, dt_p, acum, B, C, initial_state, chunk_size):
+    b, T, H, P = x.shape
+    N, c = B.shape[-1], acum.shape[-1] // chunk_size
+    return (x.new_empty((b, T, H, P)), x.new_empty((b, H, P, N), dtype=torch.float32),
+            x.new_empty((b, c, H, P, N), dtype=torch.float32))
 
-    def __exit__(self, *exc):
-        return False
+
+def _bwd_op(x: Tensor, dt_p: Tensor, acum: Tensor, B: Tensor, C: Tensor, states: Tensor,
+            dy: Tensor, dfinal: Tensor | None, chunk_size: int
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d dt_p, d acum, dB, dC, d initial state) from the forward's inputs and states."""
+    from sessa_kernels import _ssd_kernels as kern
+
+    g = _geometry(x, B, chunk_size)
+    b, T, H, P, G, N, L, c, Tp = (g[k] for k in ("b", "T", "H", "P", "G", "N", "L", "c", "Tp"))
+    if C.stride() != B.stride():
+        B, C = B.contiguous(), C.contiguous()
+    sx, sb, sy = x.stride(), B.stride(), dy.stride()
+    common = {"L": L, "BP": g["BP"], "BN": g["BN"], "PREC": g["PREC"]}
+    PN = P * N
+    block = min(1024, _next_pow2(PN))
+    n_blocks = -(-PN // block)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        d = x.new_empty((b, c, H, P, N), dtype=torch.float32)
+        kern.chunk_dstate_bwd[(b * H, c)](
+            dy, acum, C, d, T, Tp, H, G, g["HG"], P, N, *sy, *sb, **common)
+        dinit = x.new_empty((b, H, P, N), dtype=torch.float32)
+        dg = x.new_empty((b * H, n_blocks, c), dtype=torch.float32)
+        dfin = None if dfinal is None else dfinal.float().contiguous()
+        kern.state_pass_bwd[(b * H, n_blocks)](
+            d, states, acum, d if dfin is None else dfin, dinit, dg, Tp, H, PN, c, n_blocks,
+            L=L, BLOCK=block, HAS_DFINAL=dfin is not None)
+        dx = x.new_empty(x.shape)
+        ddt_p = x.new_empty((b, H, Tp), dtype=torch.float32)
+        kern.chunk_dx_bwd[(b * G, c)](
+            x, dt_p, acum, B, C, dy, d, dx, ddt_p, T, Tp, H, G, g["HG"], P, N,
+            *sx, *sb, *sy, *dx.stride(), num_warps=_warps(g), num_stages=2, **common)
+        dB, dC = B.new_empty(B.shape), C.new_empty(C.shape)
+        dacum = x.new_empty((b, H, Tp), dtype=torch.float32)
+        kern.chunk_dbc_bwd[(b * G, c)](
+            x, dt_p, acum, B, C, dy, states, d, dB, dC, dacum, T, Tp, H, G, g["HG"], P, N,
+            *sx, *sb, *sy, *dB.stride(), num_warps=_warps(g), num_stages=2, **common)
+    # the chunk decay exp(alast) also scales the state passed on (state_pass_bwd's dg); alast
+    # is acum at each chunk's last position
+    last = dacum.view(b, H, c, L)[..., -1]
+    last += acum.view(b, H, c, L)[..., -1].exp() * dg.view(b, H, n_blocks, c).sum(2)
+    return dx, ddt_p, dacum, dB, dC, dinit
+
+
+def _bwd_fake(x, dt_p, acum, B, C, states, dy, dfinal, chunk_size):
+    b, _, H, P = x.shape
+    return (x.new_empty(x.shape), acum.new_empty(acum.shape), acum.new_empty(acum.shape),
+            B.new_empty(B.shape), C.new_empty(C.shape),
+            x.new_empty((b, H, P, B.shape[-1]), dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, dt_p, acum, B, C, initial_state, chunk_size = inputs
+    ctx.save_for_backward(x, dt_p, acum, B, C, output[2])
+    ctx.chunk_size, ctx.has_init = chunk_size, initial_state is not None
+    ctx.init_dtype = None if initial_state is None else initial_state.dtype
+    ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, dy, dfinal, _dstates):
+    x, dt_p, acum, B, C, states = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    dx, ddt_p, dacum, dB, dC, dinit = ssd_triton_bwd(x, dt_p, acum, B, C, states, dy, dfinal,
+                                                     ctx.chunk_size)
+    return (dx, ddt_p, dacum, dB, dC, dinit.to(ctx.init_dtype) if ctx.has_init else None, None)
+
+
+ssd_triton_bwd = define_op(__name__, __file__, "ssd_triton_bwd", _bwd_op, fake=_bwd_fake)
+ssd_triton_fwd = define_op(__name__, __file__, "ssd_triton_fwd", _fwd_op, fake=_fwd_fake,
+                           backward=_backward, setup_context=_setup_context)
 
 
 def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
@@ -159,12 +185,19 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_siz
     check_chunk_size(chunk_size)
     if x.dtype == torch.float64:
         raise ValueError("the Triton SSD computes in float32; use ssd_chunked for float64")
-    if x.shape[1] == 0:
-        b, _, H, P = x.shape
+    b, T, H, P = x.shape
+    if T == 0:
         N = B.shape[-1]
         init = (x.new_zeros((b, H, P, N), dtype=torch.float32) if initial_state is None
                 else initial_state.float())
         return x.new_zeros(x.shape), init
+    # In PyTorch, so that torch.compile fuses them and autograd carries the decays' gradient
+    # to dt and A: dt padded to whole chunks and the in-chunk cumulative log-decay, (b, H, Tp).
+    L = chunk_size
+    c = -(-T // L)
+    dt_p = F.pad(dt.float(), (0, 0, 0, c * L - T)).transpose(1, 2).contiguous()
+    acum = (dt_p * A.float()[:, None]).view(b, H, c, L).cumsum(-1).view(b, H, c * L)
     # the kernels' products take both operands in x's dtype
-    B, C = B.to(x.dtype), C.to(x.dtype)
-    return _SSD.apply(x, dt, A, B, C, initial_state, chunk_size)
+    y, final, _ = ssd_triton_fwd(x, dt_p, acum, B.to(x.dtype), C.to(x.dtype), initial_state,
+                                 chunk_size)
+    return y, final

@@ -204,12 +204,11 @@ def ssd_chunked(
     return y.to(x.dtype), final
 
 
-@torch.compiler.disable
 def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
                initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Our Triton SSD (``sessa_kernels.ssd_triton``), forward and backward; same arguments and
-    results as :func:`ssd_chunked`. Runs eagerly inside a compiled block (a graph break):
-    inductor's alignment/stride hints never reach the hand-written kernels."""
+    results as :func:`ssd_chunked`. Its kernels are custom operators, so a compiled block stays
+    one graph around them (no graph break)."""
     try:
         from sessa_kernels.ssd_triton import ssd_triton as kernel
     except ImportError as err:
