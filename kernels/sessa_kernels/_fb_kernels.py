@@ -128,13 +128,14 @@ def fwd_solve(Q, K, G, F, S, R, LSE, FLAGS, COUNTER, T, B, n_chunks, scale_log2,
     f = tl.load(F + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32)
     x = _unit_lower_solve(p * coef[:, None], f + coef[:, None] * acc, LOG2_BM, PREC)
     x = _store_solved(s_ptr + io_off, x, io_mask)
+    # Later chunks wait only for s: publish it first, then the r and lse no chunk reads.
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr + r * N_DBLK, 1, sem="release")
     rr = (acc + tl.dot(p, x, input_precision=PREC)) * inv_l[:, None]
     tl.store(R + b * T * D + io_off, rr, mask=io_mask)
     if dblk == 0:
         lse = tl.where(has_past, m_safe + tl.log2(tl.where(has_past, l_i, 1.0)), float("inf"))
         tl.store(LSE + b * T + offs_m, lse, mask=rmask)
-    tl.debug_barrier()
-    tl.atomic_xchg(flag_ptr + r * N_DBLK, 1, sem="release")
 
 
 @triton.jit
@@ -153,19 +154,20 @@ def _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag, b, T, offs_n, nmask, offs_d
     """The end of one adjoint-solve tile (column chunk ``offs_n``, channels ``offs_d``, batch
     ``b``), shared by ``bwd_solve`` and the panel kernel ``bwd_panel_solve``: p is the chunk's
     strict-lower alpha tile (float32) and acc the float32 sum over the later chunks of
-    alpha^T (gamma u). Solves u = (I - (diag(gamma) p)^T)^{-1} (ds + acc), stores u, adds
-    dgamma_t += <u_t, r_t> over this channel block (u as stored) and releases
-    the tile's ready ``flag``."""
+    alpha^T (gamma u). Solves u = (I - (diag(gamma) p)^T)^{-1} (ds + acc), stores u, releases
+    the tile's ready ``flag`` and adds dgamma_t += <u_t, r_t> over this channel block (u as
+    stored)."""
     g = tl.load(G + b * T + offs_n, mask=nmask, other=0.0).to(tl.float32)
     io_mask = nmask[:, None] & dmask[None, :]
     io_off = offs_n[:, None] * D + offs_d[None, :]
     rhs = tl.load(DS + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32) + acc
     u = _unit_lower_solve(tl.trans(p * g[:, None]), rhs, LOG2_BM, PREC)
     u = _store_solved(U + b * T * D + io_off, u, io_mask)
-    rr = tl.load(R + b * T * D + io_off, mask=io_mask, other=0.0)
-    tl.atomic_add(DG + b * T + offs_n, tl.sum(u * rr, 1), mask=nmask)
+    # Earlier chunks wait only for u: publish it first, then add this block's dgamma.
     tl.debug_barrier()
     tl.atomic_xchg(flag, 1, sem="release")
+    rr = tl.load(R + b * T * D + io_off, mask=io_mask, other=0.0)
+    tl.atomic_add(DG + b * T + offs_n, tl.sum(u * rr, 1), mask=nmask)
 
 
 @triton.jit

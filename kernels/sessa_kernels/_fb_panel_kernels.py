@@ -152,10 +152,11 @@ def fwd_panel_solve(G, F, S, R, LSE, PANEL, DIAG, STM, FLAGS, COUNTER, T, B, W, 
     f = tl.load(F + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32)
     x = _unit_lower_solve(p * g[:, None], f + g[:, None] * acc, LOG2_BM, PREC)
     x = _store_solved(s_ptr + io_off, x, io_mask)
-    rr = acc + tl.dot(p, x, input_precision=PREC)
-    tl.store(R + b * T * D + io_off, rr, mask=io_mask)
+    # Later chunks wait only for s: publish it first, then the r no chunk reads.
     tl.debug_barrier()
     tl.atomic_xchg(flag_ptr + r * N_DBLK, 1, sem="release")
+    rr = acc + tl.dot(p, x, input_precision=PREC)
+    tl.store(R + b * T * D + io_off, rr, mask=io_mask)
 
 
 @triton.jit
