@@ -93,7 +93,7 @@ def test_trainer_cli_exits_nonzero_with_the_message(tmp_path):
 
 
 @pytest.mark.parametrize("override,allowed", [
-    ("model.sessa.solve=flash", "'panel', 'queue'"),
+    ("model.sessa.solve=flash", "'panel', 'panel_inverse', 'queue'"),
     ("train.activation_checkpointing=layers", "'none', 'blocks'"),
     ("model.mixer=mamba", "'sessa', 'attention', 'mamba2'"),
     ("model.layer_mixers=[sessa,atention,sessa,sessa]", "'sessa', 'attention', 'mamba2'"),
@@ -116,6 +116,9 @@ def test_choice_types_agree_with_the_implementations():
 
     assert typing.get_args(mc.SessaImpl) == tuple(FEEDBACK_IMPLS)
     assert typing.get_args(mc.SessaVariant) == tuple(SESSA_VARIANTS)
+    from sessa_kernels.triton_feedback import SOLVES
+
+    assert sorted(typing.get_args(mc.SessaSolve)) == sorted(SOLVES)
 
 
 def test_config_reference_is_generated_and_complete():

@@ -5,7 +5,8 @@ The layer is the paper's gated block (LN -> W_in -> GELU / gate -> mixer -> W_ou
 or ``AttentionMixer``; ``triton`` is the triton mixer with ``solve="queue"``, ``triton_panel``
 with ``solve="panel"`` (the default of ``model.sessa.solve``), ``triton_panel_c128`` the same
 with 128-row chunks (``model.sessa.chunk_size=128``), ``triton_panel_m64`` with a 64 MiB
-scratch budget (``model.sessa.panel_mib=64``); a ``+compile`` suffix runs the block under
+scratch budget (``model.sessa.panel_mib=64``), ``triton_panel_inv`` with
+``solve="panel_inverse"``; a ``+compile`` suffix runs the block under
 torch.compile (e.g. ``attention+compile,triton_panel+compile``). D=1024, 16 heads, bf16, 16k
 tokens per batch (B = 16384 / T, B = 1 beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
 (weights and the input). Run on the GPU machine:
@@ -43,6 +44,8 @@ TRITON_VARIANTS = {
     # a quarter of the default scratch budget: at T=8192, B=2 the default's panels hold 7680 of
     # the 8192 rows (0.25 GiB); 64 MiB caps them at 1920 rows
     "triton_panel_m64": {"solve": "panel", "chunk_size": 64, "panel_mib": 64.0},
+    # the in-chunk inverses formed in the parallel pass: one product per sequential chunk step
+    "triton_panel_inv": {"solve": "panel_inverse", "chunk_size": 64},
 }
 COMPILED = "+compile"       # suffix: the same block under torch.compile (e.g. triton_panel+compile)
 

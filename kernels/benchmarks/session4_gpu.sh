@@ -54,7 +54,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if want tests; then
     part tests "$TESTS_S" python3 -m pytest -m gpu -q -s -rfE -p no:cacheprovider \
         kernels/tests/test_triton_gpu.py kernels/tests/test_decode.py \
-        -k "${TESTS_K:-compiled or chunk_sizes or strided or cuda_graph or opcheck or B2-T63 or B1-T4096}"
+        -k "${TESTS_K:-compiled or chunk_sizes or strided or cuda_graph or opcheck or inverse or B2-T63 or B1-T4096}"
 fi
 if want tests_train; then
     part tests_train "$TESTS_TRAIN_S" python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
@@ -63,10 +63,10 @@ fi
 
 # (b) layer fwd+bwd (D=1024, 16 heads, 16k tokens per batch), all under torch.compile (the
 # Sessa block compiles around the opaque ops): attention, the panel solve with 64- and 128-row
-# chunks.
+# chunks, and with the in-chunk inverses (solve=panel_inverse).
 if want layers; then
     part layers "$LAYERS_S" python3 $BENCH/bench_sessa_layer.py --seq 2048,8192,16384,32768 \
-        --impls attention+compile,triton_panel+compile,triton_panel_c128+compile --decode '' \
+        --impls attention+compile,triton_panel+compile,triton_panel_inv+compile,triton_panel_c128+compile --decode '' \
         --json "$OUT_DIR/layers.json"
     grep -A 20 '^ *T ' "$OUT_DIR/layers.log" >"$OUT_DIR/layers.md" 2>/dev/null
 fi

@@ -10,7 +10,9 @@ earlier by a running program and the queue cannot deadlock. A tile accumulates t
 contributions of finished chunks (waiting on their per-(batch, chunk, channel block) ready
 flag, acquire) and publishes its own chunk (release) when solved. The in-chunk system
 ``(I - N) x = rhs`` (N strictly lower triangular, nilpotent) is solved by doubling:
-``(I - N)^{-1} = (I + N)(I + N^2)(I + N^4)...``, log2(BM) small matrix products.
+``(I - N)^{-1} = (I + N)(I + N^2)(I + N^4)...``, log2(BM) small matrix products; or, in the
+panel solves with ``solve="panel_inverse"``, by one product with that inverse, formed in the
+parallel pass (``_unit_lower_inverse``).
 
 * ``fwd_solve``: online (max, sum) softmax over the strict past, ``s``, the row log-sum-exp and
   ``r_t = sum_j alpha[t, j] s_j`` (for dgamma; from s as stored, i.e. rounded to the output
@@ -74,6 +76,20 @@ def _unit_lower_solve(nmat, rhs, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
         if i + 1 < LOG2_BM:
             npow = tl.dot(npow, npow, input_precision=PREC)
     return x
+
+
+@triton.jit
+def _unit_lower_inverse(nmat, BM: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
+    """(I - nmat)^{-1} = (I + N)(I + N^2)(I + N^4)... for a nilpotent nmat, as a matrix: the
+    panel solves form it in their parallel pass (``solve="panel_inverse"``), so a chunk's
+    sequential step is one product instead of the 2 log2(BM) - 1 of the doubling."""
+    ar = tl.arange(0, BM)
+    inv = tl.where(ar[:, None] == ar[None, :], 1.0, 0.0) + nmat
+    npow = nmat
+    for _i in tl.static_range(LOG2_BM - 1):
+        npow = tl.dot(npow, npow, input_precision=PREC)
+        inv = inv + tl.dot(inv, npow, input_precision=PREC)
+    return inv
 
 
 @triton.jit
@@ -150,18 +166,22 @@ def _store_solved(ptr, x, mask):
 
 @triton.jit
 def _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag, b, T, offs_n, nmask, offs_d, dmask,
-                      D: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
+                      D: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
+                      INVERSE: tl.constexpr):
     """The end of one adjoint-solve tile (column chunk ``offs_n``, channels ``offs_d``, batch
     ``b``), shared by ``bwd_solve`` and the panel kernel ``bwd_panel_solve``: p is the chunk's
     strict-lower alpha tile (float32) and acc the float32 sum over the later chunks of
     alpha^T (gamma u). Solves u = (I - (diag(gamma) p)^T)^{-1} (ds + acc), stores u, releases
     the tile's ready ``flag`` and adds dgamma_t += <u_t, r_t> over this channel block (u as
-    stored)."""
-    g = tl.load(G + b * T + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    stored). With INVERSE, p is that inverse already (``_unit_lower_inverse``, transposed)."""
     io_mask = nmask[:, None] & dmask[None, :]
     io_off = offs_n[:, None] * D + offs_d[None, :]
     rhs = tl.load(DS + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32) + acc
-    u = _unit_lower_solve(tl.trans(p * g[:, None]), rhs, LOG2_BM, PREC)
+    if INVERSE:
+        u = tl.dot(p, rhs, input_precision=PREC)
+    else:
+        g = tl.load(G + b * T + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        u = _unit_lower_solve(tl.trans(p * g[:, None]), rhs, LOG2_BM, PREC)
     u = _store_solved(U + b * T * D + io_off, u, io_mask)
     # Earlier chunks wait only for u: publish it first, then add this block's dgamma.
     tl.debug_barrier()
@@ -207,7 +227,7 @@ def bwd_solve(Q, K, G, DS, U, R, LSE, DG, FLAGS, COUNTER, T, B, n_chunks, scale_
     strict = (ar[None, :] < ar[:, None]) & (offs_n[None, :] < T)
     p = tl.where(strict, tl.exp2(sc - lse[:, None]), 0.0)
     _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag_ptr + c * N_DBLK, b, T, offs_n, nmask,
-                      offs_d, dmask, D, LOG2_BM, PREC)
+                      offs_d, dmask, D, LOG2_BM, PREC, False)
 
 
 @triton.jit

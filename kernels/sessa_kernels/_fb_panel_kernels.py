@@ -36,6 +36,7 @@ from sessa_kernels._fb_kernels import (
     _claim_tile,
     _scores,
     _store_solved,
+    _unit_lower_inverse,
     _unit_lower_solve,
     _wait,
 )
@@ -85,9 +86,12 @@ def fwd_panel_scores(Q, K, PANEL, DIAG, STM, STL, T, W, T_PAD, NC, r0, scale_log
 
 
 @triton.jit
-def fwd_panel_lse(STM, STL, LSE, T, W, NC, r0, BM: tl.constexpr, BC: tl.constexpr):
+def fwd_panel_lse(STM, STL, LSE, DIAG, INV, G, T, W, T_PAD, NC, r0, BM: tl.constexpr,
+                  BC: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
+                  INVERSE: tl.constexpr):
     """Program (local row chunk i, batch): lse2 = M + log2(sum_c l_c exp2(m_c - M)) over the
-    column chunks c <= r of the tile statistics; +inf where the row has no past (row 0)."""
+    column chunks c <= r of the tile statistics; +inf where the row has no past (row 0).
+    With INVERSE also the chunk's (I - diag(gamma) alpha_rr)^{-1} into INV (B, T_PAD, BM)."""
     i = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     r = r0 + i
@@ -109,13 +113,23 @@ def fwd_panel_lse(STM, STL, LSE, T, W, NC, r0, BM: tl.constexpr, BC: tl.constexp
     has_past = l_i > 0
     lse = tl.where(has_past, m_i + tl.log2(tl.where(has_past, l_i, 1.0)), float("inf"))
     tl.store(LSE + b * T + offs_m, lse, mask=rmask)
+    if INVERSE:
+        m = tl.load(STM + row_off + r, mask=rmask, other=float("-inf"))
+        fac = tl.where(lse == float("inf"), 0.0, tl.exp2(m - lse))
+        g = tl.load(G + b * T + offs_m, mask=rmask, other=0.0).to(tl.float32)
+        tile = b * T_PAD * BM + offs_m[:, None] * BM + ar[None, :]
+        p = tl.load(DIAG + tile, mask=rmask[:, None], other=0.0)
+        inv = _unit_lower_inverse(p * (fac * g)[:, None], BM, LOG2_BM, PREC)
+        tl.store(INV + tile, inv, mask=rmask[:, None])
 
 
 @triton.jit
-def fwd_panel_solve(G, F, S, R, LSE, PANEL, DIAG, STM, FLAGS, COUNTER, T, B, W, T_PAD, NC,
-                    r0, n_local, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
-    """Ordered tile queue over (local chunk, batch, channel block), as ``fwd_solve``."""
+def fwd_panel_solve(G, F, S, R, LSE, PANEL, DIAG, INV, STM, FLAGS, COUNTER, T, B, W, T_PAD,
+                    NC, r0, n_local, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
+                    INVERSE: tl.constexpr):
+    """Ordered tile queue over (local chunk, batch, channel block), as ``fwd_solve``. With
+    INVERSE the chunk's inverse comes from INV (``fwd_panel_lse``): one product per step."""
     dblk, b, i = _claim_tile(COUNTER, N_DBLK, B)
     r = r0 + i
     s_ptr = S + b * T * D
@@ -144,26 +158,35 @@ def fwd_panel_solve(G, F, S, R, LSE, PANEL, DIAG, STM, FLAGS, COUNTER, T, B, W, 
     # The chunk itself: float32 strict-lower tile, normalised to alpha.
     m = tl.load(st_row + r, mask=rmask, other=float("-inf"))
     fac = tl.where(lse == float("inf"), 0.0, tl.exp2(m - lse))
-    p = tl.load(DIAG + b * T_PAD * BM + offs_m[:, None] * BM + ar[None, :],
-                mask=rmask[:, None], other=0.0) * fac[:, None]
+    tile = b * T_PAD * BM + offs_m[:, None] * BM + ar[None, :]
     g = tl.load(G + b * T + offs_m, mask=rmask, other=0.0).to(tl.float32)
     io_mask = rmask[:, None] & dmask[None, :]
     io_off = offs_m[:, None] * D + offs_d[None, :]
     f = tl.load(F + b * T * D + io_off, mask=io_mask, other=0.0).to(tl.float32)
-    x = _unit_lower_solve(p * g[:, None], f + g[:, None] * acc, LOG2_BM, PREC)
+    rhs = f + g[:, None] * acc
+    if INVERSE:
+        x = tl.dot(tl.load(INV + tile, mask=rmask[:, None], other=0.0), rhs,
+                   input_precision=PREC)
+    else:
+        p = tl.load(DIAG + tile, mask=rmask[:, None], other=0.0) * fac[:, None]
+        x = _unit_lower_solve(p * g[:, None], rhs, LOG2_BM, PREC)
     x = _store_solved(s_ptr + io_off, x, io_mask)
     # Later chunks wait only for s: publish it first, then the r no chunk reads.
     tl.debug_barrier()
     tl.atomic_xchg(flag_ptr + r * N_DBLK, 1, sem="release")
+    if INVERSE:
+        p = tl.load(DIAG + tile, mask=rmask[:, None], other=0.0) * fac[:, None]
     rr = acc + tl.dot(p, x, input_precision=PREC)
     tl.store(R + b * T * D + io_off, rr, mask=io_mask)
 
 
 @triton.jit
-def bwd_panel_scores(Q, K, LSE, PANEL, DIAG, T, W, T_PAD, c_lo, scale_log2,
-                     DK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+def bwd_panel_scores(Q, K, LSE, G, PANEL, DIAG, T, W, T_PAD, c_lo, scale_log2,
+                     DK: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                     LOG2_BM: tl.constexpr, PREC: tl.constexpr, INVERSE: tl.constexpr):
     """Program (row chunk r = c_lo + i, local column chunk j, batch): alpha of rows r against
-    columns c = c_lo + j <= r. PANEL (B, T_PAD, W), absolute rows; DIAG (B, T_PAD, BM) fp32."""
+    columns c = c_lo + j <= r. PANEL (B, T_PAD, W), absolute rows; DIAG (B, T_PAD, BM) fp32:
+    the diagonal alpha tile, or with INVERSE the transposed (I - diag(gamma) alpha)^{-1}."""
     i = tl.program_id(0)
     j = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -174,6 +197,9 @@ def bwd_panel_scores(Q, K, LSE, PANEL, DIAG, T, W, T_PAD, c_lo, scale_log2,
         lse = tl.load(LSE + b * T + offs_m, mask=rmask, other=float("inf"))
         p = tl.exp2(sc - lse[:, None])          # 0 where the score is -inf (lse is never -inf)
         if c == r:
+            if INVERSE:
+                g = tl.load(G + b * T + offs_m, mask=rmask, other=0.0).to(tl.float32)
+                p = tl.trans(_unit_lower_inverse(p * g[:, None], BM, LOG2_BM, PREC))
             tl.store(DIAG + b * T_PAD * BM + offs_m[:, None] * BM + ar[None, :], p,
                      mask=rmask[:, None])
         else:
@@ -185,7 +211,8 @@ def bwd_panel_scores(Q, K, LSE, PANEL, DIAG, T, W, T_PAD, c_lo, scale_log2,
 @triton.jit
 def bwd_panel_solve(G, DS, U, R, DG, PANEL, DIAG, FLAGS, COUNTER, T, B, W, T_PAD, n_chunks,
                     c_lo, c_hi, D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr):
+                    N_DBLK: tl.constexpr, LOG2_BM: tl.constexpr, PREC: tl.constexpr,
+                    INVERSE: tl.constexpr):
     """Ordered tile queue in reverse time over the column chunks [c_lo, c_hi) of the
     super-chunk, as ``bwd_solve``."""
     dblk, b, rank = _claim_tile(COUNTER, N_DBLK, B)
@@ -217,4 +244,4 @@ def bwd_panel_solve(G, DS, U, R, DG, PANEL, DIAG, FLAGS, COUNTER, T, B, W, T_PAD
     p = tl.load(DIAG + b * T_PAD * BM + offs_n[:, None] * BM + ar[None, :],
                 mask=nmask[:, None], other=0.0)
     _bwd_finish_chunk(p, acc, G, DS, U, R, DG, flag_ptr + c * N_DBLK, b, T, offs_n, nmask,
-                      offs_d, dmask, D, LOG2_BM, PREC)
+                      offs_d, dmask, D, LOG2_BM, PREC, INVERSE)

@@ -18,7 +18,11 @@ into a scratch panel of B x W x T_pad elements in the input dtype, O(W T) and at
 ``panel_mib`` MiB, see ``panel_width``; never T x T unless that fits the budget) and
 ``solve="queue"`` (``_fb_kernels``: the score tile recomputed by every channel-block program,
 no scratch). On the H200 the panel layer takes 0.73-0.98x the queue layer's time
-(BENCHMARKS.md).
+(BENCHMARKS.md). ``solve="panel_inverse"`` is the panel solve with each chunk's in-chunk
+system inverted in the parallel pass (``_fb_kernels._unit_lower_inverse``): a chunk's step on
+the sequential path is then one product instead of the doubling's 2 log2(block_m) - 1, at the
+cost of one more (B, T_pad, block_m) float32 scratch. Its products round differently (tf32),
+so its results differ from "panel" by about the doubling's own rounding.
 
 The forward and the backward are PyTorch custom operators, ``sessa::feedback_triton_fwd`` and
 ``sessa::feedback_triton_bwd`` (defined through ``sessa_kernels.oplib``), with fake
@@ -46,7 +50,8 @@ from sessa_kernels.chunked import check_feedback_inputs
 from sessa_kernels.oplib import define_op
 
 LOG2E = 1.4426950408889634
-SOLVES = ("panel", "queue")
+SOLVES = ("panel", "panel_inverse", "queue")
+PANEL_SOLVES = ("panel", "panel_inverse")
 
 
 def _interpreting() -> bool:
@@ -88,7 +93,7 @@ class _Cfg(NamedTuple):
     block_m: int
     block_d: int
     prec: str                      # input_precision of the float32 in-chunk products
-    solve: str                     # "queue" or "panel"
+    solve: str                     # "panel", "panel_inverse" or "queue"
     panel_rows: int | None         # W of the panel solves (None: from panel_mib)
     panel_mib: float               # scratch budget of the panel solves
     panel_dtype: torch.dtype       # element type of the off-diagonal panel scratch (input's)
@@ -123,16 +128,21 @@ def _fwd_panel(q, k, g, f, s, r, lse, flags, cfg: _Cfg):
     stm = torch.empty(B, W, nc, dtype=torch.float32, device=dev)
     stl = torch.empty(B, W, nc, dtype=torch.float32, device=dev)
     diag = torch.empty(B, t_pad, bm, dtype=torch.float32, device=dev)
+    inverse = cfg.solve == "panel_inverse"
+    inv = torch.empty_like(diag) if inverse else diag
     counters = torch.zeros(math.ceil(nc / nw), dtype=torch.int32, device=dev)
+    kw = cfg.kernel_args()
     for j, r0 in enumerate(range(0, nc, nw)):
         n_local = min(nw, nc - r0)
         pk.fwd_panel_scores[(n_local, r0 + n_local, B)](
             q, k, panel, diag, stm, stl, T, W, t_pad, nc, r0, cfg.scale * LOG2E,
             DK=DK, BM=bm, BK=_bk(DK), num_warps=4)
-        pk.fwd_panel_lse[(n_local, B)](stm, stl, lse, T, W, nc, r0, BM=bm, BC=64, num_warps=4)
+        pk.fwd_panel_lse[(n_local, B)](
+            stm, stl, lse, diag, inv, g, T, W, t_pad, nc, r0, BM=bm, BC=64,
+            LOG2_BM=kw["LOG2_BM"], PREC=kw["PREC"], INVERSE=inverse, num_warps=4)
         pk.fwd_panel_solve[(n_local * B * n_dblk,)](
-            g, f, s, r, lse, panel, diag, stm, flags, counters[j:], T, B, W, t_pad, nc, r0,
-            n_local, D=D, N_DBLK=n_dblk, **cfg.kernel_args())
+            g, f, s, r, lse, panel, diag, inv, stm, flags, counters[j:], T, B, W, t_pad, nc,
+            r0, n_local, D=D, N_DBLK=n_dblk, INVERSE=inverse, **kw)
 
 
 def _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, cfg: _Cfg):
@@ -146,15 +156,18 @@ def _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, cfg: _Cfg):
     bm, dev = cfg.block_m, q.device
     panel = torch.empty(B, t_pad, W, dtype=cfg.panel_dtype, device=dev)
     diag = torch.empty(B, t_pad, bm, dtype=torch.float32, device=dev)
+    inverse = cfg.solve == "panel_inverse"
     counters = torch.zeros(math.ceil(nc / nw), dtype=torch.int32, device=dev)
+    kw = cfg.kernel_args()
     for j, c_hi in enumerate(range(nc, 0, -nw)):
         c_lo = max(0, c_hi - nw)
         pk.bwd_panel_scores[(nc - c_lo, c_hi - c_lo, B)](
-            q, k, lse, panel, diag, T, W, t_pad, c_lo, cfg.scale * LOG2E,
-            DK=DK, BM=bm, BK=_bk(DK), num_warps=4)
+            q, k, lse, g, panel, diag, T, W, t_pad, c_lo, cfg.scale * LOG2E,
+            DK=DK, BM=bm, BK=_bk(DK), LOG2_BM=kw["LOG2_BM"], PREC=kw["PREC"],
+            INVERSE=inverse, num_warps=4)
         pk.bwd_panel_solve[((c_hi - c_lo) * B * n_dblk,)](
             g, ds, u, r, dg, panel, diag, flags, counters[j:], T, B, W, t_pad, nc, c_lo, c_hi,
-            D=D, N_DBLK=n_dblk, **cfg.kernel_args())
+            D=D, N_DBLK=n_dblk, INVERSE=inverse, **kw)
 
 
 def _cfg(scale: float, block_m: int, block_d: int, precision: str, solve: str,
@@ -193,7 +206,7 @@ def _fwd_op(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, scale: float, bl
     if T == 0:
         return s, lse, r
     flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
-    if cfg.solve == "panel":
+    if cfg.solve in PANEL_SOLVES:
         _fwd_panel(q, k, g, fc, s, r, lse, flags, cfg)
     else:
         counter = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -231,7 +244,7 @@ def _bwd_op(q_b: Tensor, k_b: Tensor, gamma: Tensor, s: Tensor, lse: Tensor, r: 
         return torch.zeros_like(q), torch.zeros_like(k), dg.to(g.dtype), u
     flags = torch.zeros(B * n_chunks * n_dblk, dtype=torch.int32, device=dev)
     bk = _bk(DK)
-    if cfg.solve == "panel":
+    if cfg.solve in PANEL_SOLVES:
         _bwd_panel(q, k, g, ds, u, r, lse, dg, flags, cfg)
     else:
         counter = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -354,8 +367,10 @@ def feedback_triton(q_b: Tensor, k_b: Tensor, gamma: Tensor, f: Tensor, *,
     "tf32x3" or "ieee") are tuning knobs.
 
     ``solve``: "panel" (default; scores once per super-chunk of W rows into an O(W T)
-    scratch of at most ``panel_mib`` MiB, see ``panel_width``) or "queue" (scores recomputed
-    per channel block, no scratch). ``panel_rows`` sets W directly (tests, benchmarks).
+    scratch of at most ``panel_mib`` MiB, see ``panel_width``), "panel_inverse" (the panel
+    solve with the chunks' in-chunk inverses formed in the parallel pass) or "queue" (scores
+    recomputed per channel block, no scratch). ``panel_rows`` sets W directly (tests,
+    benchmarks).
     """
     check_feedback_inputs(q_b, k_b, gamma, f)
     if not (f.is_cuda or _interpreting()):

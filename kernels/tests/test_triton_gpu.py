@@ -67,6 +67,18 @@ def test_triton_panel_several_superchunks(case: tuple[int, int, int, int], rows:
     _check_against_fp64(case, "sharp", solve="panel", panel_rows=rows)
 
 
+@pytest.mark.parametrize("case,routing,kw", [
+    ((2, 63, 64, 96), "sharp", {}), ((1, 4096, 1024, 1024), "sharp", {}),
+    ((1, 4096, 1024, 1024), "diffuse", {}), ((2, 1000, 256, 256), "sharp", {"panel_rows": 256}),
+    ((2, 1000, 256, 256), "sharp", {"block_m": 16}),
+    ((2, 1000, 256, 256), "sharp", {"block_m": 128})],
+    ids=["B2-T63", "B1-T4096-sharp", "B1-T4096-diffuse", "B2-T1000-W256", "bm16", "bm128"])
+def test_triton_panel_inverse_matches_fp64_reference(case, routing: str, kw: dict) -> None:
+    """solve="panel_inverse": the in-chunk inverses formed in the parallel pass (tf32
+    products) keep every error within the bf16 bound of the doubling."""
+    _check_against_fp64(case, routing, solve="panel_inverse", **kw)
+
+
 @pytest.mark.parametrize("block_m", [16, 32, 128])
 def test_triton_other_chunk_sizes(block_m: int) -> None:
     """model.sessa.chunk_size = block_m (64, the default, is every case above)."""
@@ -111,7 +123,7 @@ def test_ops_pass_opcheck_on_gpu() -> None:
 
     q, k, g, f, ds = feedback_inputs(2, 300, 128, 192, routing="diffuse", dtype=torch.bfloat16,
                                      device="cuda", seed=11)
-    for solve in ("panel", "queue"):
+    for solve in ("panel", "panel_inverse", "queue"):
         settings = (128**-0.5, 64, 128, "tf32", solve, 256.0, 0)
         leaves = [x.clone().requires_grad_() for x in (q, k, g, f)]
         torch.library.opcheck(feedback_triton_fwd, (*leaves, *settings))
@@ -127,7 +139,7 @@ def _sessa_block(**kw):
     return SessaBlock(256, 4, impl="triton", **kw).cuda().to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("solve", ["panel", "queue"])
+@pytest.mark.parametrize("solve", ["panel", "panel_inverse", "queue"])
 def test_compiled_sessa_block_matches_eager_bf16(solve: str) -> None:
     """fwd + bwd of a torch.compile'd gated Sessa block (inductor; the feedback ops opaque)
     against the same block eager, and both against an fp64 copy (dense solve): output, input

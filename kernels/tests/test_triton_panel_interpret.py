@@ -24,15 +24,17 @@ NAMES = ("s", "dq_b", "dk_b", "dgamma", "df")
 TOL = 1e-5 if DEV == "cpu" else 1e-2   # interpreter: exact fp32; GPU: tf32 products
 
 
+@pytest.mark.parametrize("solve", ["panel", "panel_inverse"])
 @pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 200])
 @pytest.mark.parametrize("routing", ["sharp", "diffuse"])
-def test_panel_tiny_matches_dense(T: int, routing: str) -> None:
+def test_panel_tiny_matches_dense(T: int, routing: str, solve: str) -> None:
     """16-row chunks, 16-channel blocks and super-chunks of 32 rows: from T = 63 on, several
-    super-chunks (the last one partial) each with several chunks and channel blocks."""
+    super-chunks (the last one partial) each with several chunks and channel blocks; the
+    in-chunk systems by doubling and by the inverse formed in the parallel pass."""
     q, k, g, f, ds = feedback_inputs(2, T, 16, 24, routing=routing, dtype=torch.float32,
                                      device=DEV, seed=T)
     ref = value_and_grads(feedback_dense, *(x.double() for x in (q, k, g, f, ds)))
-    out = value_and_grads(lambda *a: feedback_triton(*a, block_m=16, block_d=16, solve="panel",
+    out = value_and_grads(lambda *a: feedback_triton(*a, block_m=16, block_d=16, solve=solve,
                                                      panel_rows=32), q, k, g, f, ds)
     for name, x, r in zip(NAMES, out, ref, strict=True):
         assert rel_err(x, r) < TOL, name
@@ -74,13 +76,16 @@ def test_half_precision_accuracy_panel_and_queue() -> None:
     dk_b ~5e-4 here (4.4e-4 with a float32 dlogit; the GEMMs take it in the input dtype),
     where r and dgamma from the float32 s and u (the old kernels) gave ~1.1e-3
     (kernels/NOTES.md, "Panel precision")."""
-    panel, queue = _fp16_errors(solve="panel"), _fp16_errors(solve="queue")
-    for name in NAMES:
-        assert panel[name] < 2e-3 and queue[name] < 2e-3, (name, panel, queue)
-        assert abs(panel[name] - queue[name]) < 0.25 * queue[name] + 1e-4, (name, panel, queue)
-    bound = 6e-4 if DEV == "cpu" else 3e-3    # GPU: the dq/dk products add tf32 rounding
-    for name in ("dq_b", "dk_b"):
-        assert max(panel[name], queue[name]) < bound, (name, panel, queue)
+    queue = _fp16_errors(solve="queue")
+    for solve in ("panel", "panel_inverse"):
+        panel = _fp16_errors(solve=solve)
+        for name in NAMES:
+            assert panel[name] < 2e-3 and queue[name] < 2e-3, (solve, name, panel, queue)
+            assert abs(panel[name] - queue[name]) < 0.25 * queue[name] + 1e-4, \
+                (solve, name, panel, queue)
+        bound = 6e-4 if DEV == "cpu" else 3e-3    # GPU: the dq/dk products add tf32 rounding
+        for name in ("dq_b", "dk_b"):
+            assert max(panel[name], queue[name]) < bound, (solve, name, panel, queue)
 
 
 @pytest.mark.parametrize("T", [65, 200])
@@ -91,12 +96,12 @@ def test_panel_equals_queue_default_blocks(T: int) -> None:
                                      device=DEV, seed=T + 1)
     ref = value_and_grads(feedback_dense, *(x.double() for x in (q, k, g, f, ds)))
     queue = value_and_grads(lambda *a: feedback_triton(*a, solve="queue"), q, k, g, f, ds)
-    for rows in (None, 64):
-        out = value_and_grads(lambda *a, rows=rows: feedback_triton(*a, panel_rows=rows),
-                              q, k, g, f, ds)
+    for rows, solve in ((None, "panel"), (64, "panel"), (None, "panel_inverse")):
+        out = value_and_grads(lambda *a, rows=rows, solve=solve: feedback_triton(
+            *a, panel_rows=rows, solve=solve), q, k, g, f, ds)
         for name, x, xq, r in zip(NAMES, out, queue, ref, strict=True):
-            assert rel_err(x, r) < TOL, (name, rows)
-            assert rel_err(x, xq) < TOL, (name, rows)
+            assert rel_err(x, r) < TOL, (name, rows, solve)
+            assert rel_err(x, xq) < TOL, (name, rows, solve)
 
 
 def test_panel_float64_inputs_and_validation() -> None:

@@ -69,7 +69,8 @@ def _exercise() -> None:
     # the feedback solve: Dk 64 and D 128 give the training block sizes (BK 64, BD 128)
     for dtype in (torch.bfloat16, torch.float32):
         for bm in (16, 32, 64, 128):
-            for solve, rows in (("panel", None), ("panel", bm), ("queue", None)):
+            for solve, rows in (("panel", None), ("panel", bm), ("panel_inverse", bm),
+                                ("queue", None)):
                 if dtype == torch.float32 and bm != 64:
                     continue
                 T = 2 * bm + 5

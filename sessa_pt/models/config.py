@@ -16,7 +16,8 @@ Mixer = Literal["sessa", "attention", "mamba2"]
 Block = Literal["gated", "transformer"]
 SessaVariant = Literal["reference", "paper"]
 SessaImpl = Literal["dense", "chunked", "triton"]
-SessaSolve = Literal["panel", "queue"]
+SessaSolve = Literal["panel", "panel_inverse", "queue"]
+SESSA_SOLVES: tuple[str, ...] = get_args(SessaSolve)
 Mamba2Impl = Literal["auto", "chunked", "sequential", "triton", "fla"]
 Mamba2Conv = Literal["conv1d", "shifts"]
 MIXERS: tuple[str, ...] = get_args(Mixer)
@@ -35,7 +36,10 @@ class SessaOptions:
                                         # positive value (same result up to rounding);
                                         # triton: 16, 32, 64 or 128 (64 is the measured one)
     solve: SessaSolve = "panel"         # triton only: panel (scores once per super-chunk
-                                        # into a scratch of <= panel_mib; the faster) | queue
+                                        # into a scratch of <= panel_mib; the faster) |
+                                        # panel_inverse (panel, each chunk's in-chunk system
+                                        # inverted in the parallel pass: one product per
+                                        # sequential step; rounds differently) | queue
                                         # (scores recomputed per channel block, no scratch)
     panel_mib: float = 256.0            # triton solve=panel: scratch budget in MiB; sets the
                                         # super-chunk width W (memory vs time, same result)
@@ -53,8 +57,8 @@ class SessaOptions:
         elif self.impl == "triton" and self.chunk_size not in (16, 32, 64, 128):
             e.append(f"model.sessa.chunk_size={self.chunk_size}: the Triton kernels take 16, "
                      "32, 64 or 128 rows per chunk (64 is the tuned default)")
-        if self.solve not in ("panel", "queue"):
-            e.append(f"model.sessa.solve={self.solve!r}: choose panel or queue")
+        if self.solve not in SESSA_SOLVES:
+            e.append(f"model.sessa.solve={self.solve!r}: choose one of {SESSA_SOLVES}")
         if not self.panel_mib > 0:
             e.append(f"model.sessa.panel_mib={self.panel_mib} must be positive")
         return e

@@ -101,7 +101,7 @@ def sessa_feedback(
     ``dense``: this module (materialises T x T; ``chunk_size`` unused). ``chunked``: blocked
     forward substitution in plain PyTorch, O(T) memory, ``chunk_size`` rows at a time
     (``sessa_kernels.chunked``). ``triton``: the fused GPU kernels, chunks of ``chunk_size``
-    rows (16, 32, 64 or 128), ``solve`` (panel | queue) and ``panel_mib`` as in
+    rows (16, 32, 64 or 128), ``solve`` (panel | panel_inverse | queue) and ``panel_mib`` as in
     ``sessa_kernels.triton_feedback.feedback_triton``. ``chunked`` and ``triton`` run as
     PyTorch custom operators, opaque to torch.compile.
     """
