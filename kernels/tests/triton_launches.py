@@ -66,19 +66,19 @@ def _exercise() -> None:
         torch.autograd.backward([o for o in outs if o.requires_grad],
                                 [torch.ones_like(o) for o in outs if o.requires_grad])
 
-    # the feedback solve: Dk 64 and D 128 give the training block sizes (BK 64, BD 128)
-    for dtype in (torch.bfloat16, torch.float32):
-        for bm in (16, 32, 64, 128):
-            for solve, rows in (("panel", None), ("panel", bm), ("panel_inverse", bm),
-                                ("queue", None)):
-                if dtype == torch.float32 and bm != 64:
-                    continue
-                T = 2 * bm + 5
-                q, k, f = randn(1, T, 64, dtype=dtype), randn(1, T, 64, dtype=dtype), \
-                    randn(1, T, 128, dtype=dtype)
-                g = (torch.rand(1, T, generator=gen) * 1.9 - 0.95).to(dtype).requires_grad_()
-                fwd_bwd(partial(feedback_triton, block_m=bm, solve=solve, panel_rows=rows),
-                        q, k, g, f)
+    # the feedback solve: Dk 64 and D 128 give the training block sizes (BK 64, BD 128).
+    # panel_rows = block_m: several super-chunks (every panel kernel); each chunk size once,
+    # the queue kernels at 64 and at 128 (the largest shared memory), float32 inputs once
+    settings = [(torch.bfloat16, 64, solve) for solve in ("panel", "panel_inverse", "queue")]
+    settings += [(torch.bfloat16, 128, solve) for solve in ("panel", "panel_inverse", "queue")]
+    settings += [(torch.bfloat16, 16, "panel"), (torch.bfloat16, 32, "panel"),
+                 (torch.float32, 64, "panel")]
+    for dtype, bm, solve in settings:
+        T = 2 * bm + 5
+        q, k, f = randn(1, T, 64, dtype=dtype), randn(1, T, 64, dtype=dtype), \
+            randn(1, T, 128, dtype=dtype)
+        g = (torch.rand(1, T, generator=gen) * 1.9 - 0.95).to(dtype).requires_grad_()
+        fwd_bwd(partial(feedback_triton, block_m=bm, solve=solve, panel_rows=bm), q, k, g, f)
     for P in (0, 70):
         feedback_decode_step(randn(2, 64, dtype=torch.bfloat16).detach(),
                              torch.rand(2).to(torch.bfloat16), randn(2, 768).detach(),
