@@ -47,7 +47,10 @@ def test_data_commands(tmp_path: pathlib.Path, capsys) -> None:
     gen = _cmds(capsys)[0]
     assert "mqar --variant diffuse" in gen and "--lag-min 64 --lag-max 128" in gen
     assert "--test-lag-min 64 --test-lag-max 512" in gen      # 4x the longest training lag
-    assert f"--train {1500 * 64}" in gen                      # the longest phase's examples
+    from sessa_pt.experiments.mqar import DiffuseMQAR
+
+    longest = max(DiffuseMQAR.sweep_budget.steps, DiffuseMQAR.final_budget.steps)
+    assert f"--train {longest * 64}" in gen                   # the longest phase's examples
     main(["lm", "sweep", "--dry-run", "--out", str(tmp_path / "o"), "--data", str(tmp_path)])
     cmds = _cmds(capsys)
     tok = [c for c in cmds if "sessa_data.cli tokenize" in c]
