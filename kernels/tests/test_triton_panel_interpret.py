@@ -24,8 +24,8 @@ NAMES = ("s", "dq_b", "dk_b", "dgamma", "df")
 TOL = 1e-5 if DEV == "cpu" else 1e-2   # interpreter: exact fp32; GPU: tf32 products
 
 
-@pytest.mark.parametrize("solve", ["panel", "panel_inverse"])
-@pytest.mark.parametrize("T", [1, 2, 63, 64, 65, 200])
+@pytest.mark.parametrize("T,solve", [(T, "panel") for T in (1, 2, 63, 64, 65, 200)]
+                         + [(T, "panel_inverse") for T in (1, 65, 200)])
 @pytest.mark.parametrize("routing", ["sharp", "diffuse"])
 def test_panel_tiny_matches_dense(T: int, routing: str, solve: str) -> None:
     """16-row chunks, 16-channel blocks and super-chunks of 32 rows: from T = 63 on, several
