@@ -31,7 +31,8 @@ export PYTHONUNBUFFERED=1 WHEELS=0     # the parts below use this install
 at() { echo "=== $1 at $(( $(date +%s) - T0 )) s"; }
 B=kernels/benchmarks
 at "packages installed"
-( PARTS=tests TESTS_S=${TESTS_S:-220} bash $B/session4_gpu.sh "$W/s4t" >"$W/s4_tests.txt" 2>&1 ) &
+# the feedback-op tests hit 220 s in run 7 with the four groups sharing the GPU: 280 s
+( PARTS=tests TESTS_S=${TESTS_S:-280} bash $B/session4_gpu.sh "$W/s4t" >"$W/s4_tests.txt" 2>&1 ) &
 ( PARTS=tests_train TESTS_TRAIN_S=200 bash $B/session4_gpu.sh "$W/s4tt" >"$W/s4_tests_train.txt" 2>&1 ) &
 ( PARTS=tests TEST_S=200 RUNS=$W/blruns bash sessa_pt/train/bench_baselines_gpu.sh "$W/blt" \
     >"$W/bl_tests.txt" 2>&1 ) &
