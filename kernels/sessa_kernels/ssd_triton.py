@@ -52,7 +52,20 @@ def _geometry(x: Tensor, B: Tensor, chunk_size: int) -> dict:
     c = -(-T // L)
     return {"b": b, "T": T, "H": H, "P": P, "G": G, "N": N, "HG": H // G, "L": L, "c": c,
             "Tp": c * L, "BP": max(16, _next_pow2(P)), "BN": max(16, _next_pow2(N)),
-            "PREC": "ieee" if x.dtype == torch.float32 else "tf32"}
+            "PREC": "ieee" if x.dtype == torch.float32 else "tf32",
+            "PN": P * N, "BLOCK": min(1024, _next_pow2(P * N))}   # the state-passing blocks
+
+
+def _one_stride(B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """B and C with equal strides: the kernels address both with one set."""
+    if C.stride() != B.stride():
+        B, C = B.contiguous(), C.contiguous()
+    return B, C
+
+
+def _tiles(g: dict) -> dict:
+    """The constexpr tile sizes every chunk kernel takes."""
+    return {"L": g["L"], "BP": g["BP"], "BN": g["BN"], "PREC": g["PREC"]}
 
 
 def _warps(g: dict) -> int:
@@ -75,17 +88,13 @@ def _fwd_op(x: Tensor, dt_p: Tensor, acum: Tensor, B: Tensor, C: Tensor,
 
     g = _geometry(x, B, chunk_size)
     b, T, H, P, G, N, L, c, Tp = (g[k] for k in ("b", "T", "H", "P", "G", "N", "L", "c", "Tp"))
+    PN, block = g["PN"], g["BLOCK"]
+    B, C = _one_stride(B, C)
+    sx, sb, common = x.stride(), B.stride(), _tiles(g)
     states = x.new_empty((b, c, H, P, N), dtype=torch.float32)
-    sx, sb = x.stride(), B.stride()
-    if C.stride() != sb:   # the kernels address B and C with one set of strides
-        B, C = B.contiguous(), C.contiguous()
-        sb = B.stride()
-    common = {"L": L, "BP": g["BP"], "BN": g["BN"], "PREC": g["PREC"]}
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         kern.chunk_state_fwd[(b * H, c)](
             x, dt_p, acum, B, states, T, Tp, H, G, g["HG"], P, N, *sx, *sb, **common)
-        PN = P * N
-        block = min(1024, _next_pow2(PN))
         final = x.new_empty((b, H, P, N), dtype=torch.float32)
         init = None if initial_state is None else initial_state.float().contiguous()
         kern.state_pass_fwd[(b * H, -(-PN // block))](
@@ -113,13 +122,10 @@ def _bwd_op(x: Tensor, dt_p: Tensor, acum: Tensor, B: Tensor, C: Tensor, states:
 
     g = _geometry(x, B, chunk_size)
     b, T, H, P, G, N, L, c, Tp = (g[k] for k in ("b", "T", "H", "P", "G", "N", "L", "c", "Tp"))
-    if C.stride() != B.stride():
-        B, C = B.contiguous(), C.contiguous()
-    sx, sb, sy = x.stride(), B.stride(), dy.stride()
-    common = {"L": L, "BP": g["BP"], "BN": g["BN"], "PREC": g["PREC"]}
-    PN = P * N
-    block = min(1024, _next_pow2(PN))
+    PN, block = g["PN"], g["BLOCK"]
     n_blocks = -(-PN // block)
+    B, C = _one_stride(B, C)
+    sx, sb, sy, common = x.stride(), B.stride(), dy.stride(), _tiles(g)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         d = x.new_empty((b, c, H, P, N), dtype=torch.float32)
         kern.chunk_dstate_bwd[(b * H, c)](
