@@ -58,7 +58,8 @@ if want tests; then
 fi
 if want tests_train; then
     part tests_train "$TESTS_TRAIN_S" python3 -m pytest -m gpu -q -rfE -p no:cacheprovider \
-        tests/gpu/test_training_gpu.py -k "sessa_triton or odd_per_head"
+        tests/gpu/test_training_gpu.py tests/gpu/test_eval_gpu.py \
+        -k "sessa_triton or odd_per_head or influence"
 fi
 
 # (b) layer fwd+bwd (D=1024, 16 heads, 16k tokens per batch), all under torch.compile (the

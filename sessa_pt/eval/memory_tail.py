@@ -60,10 +60,10 @@ def sessa_mixer_influence(mixer, a: Tensor, tau: int) -> np.ndarray:
     with torch.no_grad():
         q_b, k_b, gamma = mixer.feedback_inputs(a[:1])
         T = a.shape[1]
-        f = torch.zeros(1, T, 1, dtype=torch.float64)
+        f = torch.zeros(1, T, 1, dtype=torch.float64, device=q_b.device)
         f[0, tau, 0] = 1.0
         s = feedback_dense(q_b.double(), k_b.double(), gamma.double(), f)
-    return s[0, tau:, 0].abs().numpy()
+    return s[0, tau:, 0].abs().cpu().numpy()
 
 
 def jacobian_influence(fn: Callable[[Tensor], Tensor], x: Tensor, tau: int, lags: np.ndarray,
@@ -78,7 +78,8 @@ def jacobian_influence(fn: Callable[[Tensor], Tensor], x: Tensor, tau: int, lags
     d_out = y.shape[-1]
     out = []
     for i, lag in enumerate(lags):
-        w = torch.randn(n_probes, d_out, generator=gen, dtype=y.dtype)
+        # drawn on the CPU generator (the same probes on every device), used on y's device
+        w = torch.randn(n_probes, d_out, generator=gen, dtype=y.dtype).to(y.device)
         (g,) = torch.autograd.grad((y[:, tau + int(lag)] * w).sum(), xb,
                                    retain_graph=i < len(lags) - 1)
         out.append(float(g[:, tau].pow(2).sum(-1).mean().sqrt()) / math.sqrt(d_out))

@@ -3,9 +3,10 @@ NAME DIR`` (NAME: symbolsoup600, symbolsoup2048, mqar_diffuse, lm_table2; DIR: t
 call's ``$OUT`` files came back to, from ``sessa_pt/experiments/gpu_call.sh``).
 
 - a sweep's ``choice.json`` -> ``results/NAME/choice.json`` (the seeds call reads it there);
-- a seeds call's ``summary.json``, ``report.md`` and PNGs -> ``results/NAME/``. When the GPU
-  image had no matplotlib (no PNGs came back), the comparison report is rebuilt here from the
-  mlflow store inside ``runs.tar.gz``. A call that ran only some models (``VARIANTS=sessa``)
+- a seeds call's ``summary.json``, ``report.md`` and PNGs -> ``results/NAME/``. The report
+  and PNGs are taken from DIR, else from ``seeds/report/`` inside the call's ``runs.tar.gz``;
+  where that has no plots (a GPU image without matplotlib), the report is rebuilt here from
+  the mlflow store inside the tarball. A call that ran only some models (``VARIANTS=sessa``)
   adds its runs to the summary already there (its report files get a ``<models>-`` prefix);
 - ``results/NAME/RESULTS.md`` is rewritten from the summary (plot paths pointing into
   ``results/NAME/``), and the top-level ``RESULTS.md`` gets it between the markers
@@ -54,20 +55,28 @@ def merge_summaries(old: dict, new: dict) -> dict:
             "aggregate": res.aggregate(kept + new["runs"], list(new["metrics"]))}
 
 
-def _rebuild_report(tarball: pathlib.Path, name: str, dest: pathlib.Path, prefix: str) -> None:
+def _report_from_tarball(tarball: pathlib.Path, name: str, dest: pathlib.Path,
+                         prefix: str) -> None:
+    """The seeds phase's comparison report out of the call's ``runs.tar.gz`` (its layout:
+    ``driver.log``, ``sweep/``, ``seeds/`` with ``seeds/report/`` and the mlflow store
+    ``seeds/mlruns`` or ``seeds/mlflow.db``). The report made on the GPU is taken as it is;
+    where it has no plots (an image without matplotlib) it is rebuilt here from the store."""
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as made:
         with tarfile.open(tarball) as tar:
             tar.extractall(tmp, filter="data")
-        store = pathlib.Path(tmp)
-        # The GPU image's mlflow-skinny has no SQLAlchemy: its store is a file store (mlruns/).
-        uri = f"sqlite:///{store}/mlflow.db" if (store / "mlflow.db").is_file() else \
-            (store / "mlruns").as_uri()
-        cmd = [sys.executable, "-m", "sessa_pt.eval.report", "--tracking-uri", uri, "--experiment", f"{name}-seeds", "--out", made,
-               "--no-log"]
-        if subprocess.run(cmd, cwd=ROOT, check=False).returncode:
-            print("[publish] the comparison report failed; RESULTS.md keeps its tables",
-                  file=sys.stderr)
-        for f in [*pathlib.Path(made).glob("*.png"), pathlib.Path(made) / "report.md"]:
+        seeds = pathlib.Path(tmp) / "seeds"
+        report = seeds / "report"
+        if not list(report.glob("*.png")):
+            # The GPU image's mlflow-skinny has no SQLAlchemy: its store is a file store.
+            uri = f"sqlite:///{seeds}/mlflow.db" if (seeds / "mlflow.db").is_file() else \
+                (seeds / "mlruns").as_uri()
+            cmd = [sys.executable, "-m", "sessa_pt.eval.report", "--tracking-uri", uri,
+                   "--experiment", f"{name}-seeds", "--out", made, "--no-log"]
+            if subprocess.run(cmd, cwd=ROOT, check=False).returncode:
+                print("[publish] the comparison report failed; RESULTS.md keeps its tables",
+                      file=sys.stderr)
+            report = pathlib.Path(made)
+        for f in [*report.glob("*.png"), report / "report.md"]:
             if f.is_file():
                 shutil.copy2(f, dest / f"{prefix}{f.name}")
 
@@ -96,7 +105,7 @@ def publish(name: str, src: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.
         if f.is_file():
             shutil.copy2(f, dest / f"{prefix}{f.name}")
     if not list(src.glob("*.png")) and (src / "runs.tar.gz").is_file():
-        _rebuild_report(src / "runs.tar.gz", name, dest, prefix)
+        _report_from_tarball(src / "runs.tar.gz", name, dest, prefix)
     summary["plots"] = sorted(str(p.relative_to(root)) for p in dest.glob("*.png"))
     res.write_summary(dest / "summary.json", summary)
     body = res.results_markdown(summary)

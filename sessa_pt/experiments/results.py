@@ -217,6 +217,12 @@ def results_markdown(summary: dict[str, Any]) -> str:
                               if row.get("beta") is not None)
             lines.append(f"- {labels.get(r['variant'], r['variant'])}: {betas}")
         lines.append("")
+    failed = [r for r in runs if r.get("memory_tail_failed")]
+    if failed:
+        lines += ["Memory tail failed for: " + ", ".join(
+            f"{labels.get(r['variant'], r['variant'])} seed {r['seed']} "
+            f"(exit {r['memory_tail_failed']})" for r in failed) +
+            " (logs: `seeds/logs/memtail-<model>-seed<seed>.log` in the call's runs.tar.gz)", ""]
     if summary.get("plots"):
         lines += ["Plots: " + ", ".join(f"`{p}`" for p in summary["plots"]), ""]
     lines += ["Rerun any row (one run's exact command is in `summary.json`, `runs[].command`):",

@@ -201,15 +201,19 @@ def read_json(path: pathlib.Path) -> dict[str, Any]:
 
 
 def git_commit(cwd: pathlib.Path = ROOT) -> str:
-    """The checkout's commit, with ``+dirty`` when tracked files differ from it; ``unknown``
-    outside git (the GPU machine gets a copy of the tree, not always its .git)."""
+    """``SESSA_GIT_COMMIT`` when set, else the checkout's commit, with ``+dirty`` when tracked
+    files differ from it; ``unknown`` outside git. The variable wins because the GPU machine
+    gets a copy of the working tree whose ``.git``, when there is one, can be an older
+    snapshot's: asked there, git names a stale commit and calls the tree dirty."""
+    if explicit := os.environ.get("SESSA_GIT_COMMIT"):
+        return explicit
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
                              text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=cwd, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("SESSA_GIT_COMMIT", "unknown")
+        return "unknown"
     return sha + ("+dirty" if dirty.strip() else "")
 
 

@@ -367,6 +367,8 @@ def _memory_tails(ctx: Context, runs: list[dict[str, Any]]) -> None:
         tail = read_json(out_json) if not jr.code else {}
         r["memory_tail"] = [{"layer": row["layer"], "mixer": row["mixer"], "beta": row["beta"],
                              "r2_power": row.get("r2_power")} for row in tail.get("layers", [])]
+        if jr.code:     # the results say so, instead of an empty table
+            r["memory_tail_failed"] = jr.code
 
 
 def _report(ctx: Context) -> list[str]:

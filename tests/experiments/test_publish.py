@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import tarfile
 
 import pytest
 
@@ -63,3 +64,48 @@ def test_calls_split_by_model_add_up(tmp_path: pathlib.Path) -> None:
     assert merged["aggregate"]["transformer"]["token_acc"]["mean"] == pytest.approx(1.4)
     assert set(merged["plots"]) == {"results/symbolsoup600/sessa-accuracy_vs_length.png",
                                     "results/symbolsoup600/transformer-accuracy_vs_length.png"}
+
+
+def _call_out(tmp_path: pathlib.Path, with_report: bool) -> pathlib.Path:
+    """A seeds call's $OUT as gpu_call.sh leaves it: summary.json, and runs.tar.gz holding
+    driver.log, seeds/report/ (when the GPU made the report) and the file store seeds/mlruns
+    with one finished run."""
+    import mlflow
+
+    work, src = tmp_path / "work", tmp_path / "out"
+    (work / "seeds" / "report").mkdir(parents=True)
+    src.mkdir()
+    (work / "driver.log").write_text("log")
+    if with_report:
+        (work / "seeds" / "report" / "loss_vs_tokens.png").write_bytes(b"gpu png")
+        (work / "seeds" / "report" / "report.md").write_text("gpu report")
+    client = mlflow.tracking.MlflowClient((work / "seeds" / "mlruns").as_uri())
+    run = client.create_run(client.create_experiment("mqar_diffuse-seeds"),
+                            run_name="mqar_diffuse-sessa")
+    for step in range(3):
+        client.log_metric(run.info.run_id, "loss", 3.0 - step, step=step)
+        client.log_metric(run.info.run_id, "tokens", 1000.0 * step, step=step)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    with tarfile.open(src / "runs.tar.gz", "w:gz") as tar:
+        for entry in ("driver.log", "seeds"):
+            tar.add(work / entry, arcname=entry)
+    (src / "summary.json").write_text(json.dumps(_summary()))
+    return src
+
+
+def test_report_comes_from_the_call_tarball(tmp_path: pathlib.Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    root = tmp_path / "repo"
+    root.mkdir()
+    dest = pub.publish("mqar_diffuse", _call_out(tmp_path / "a", with_report=True), root)
+    assert (dest / "loss_vs_tokens.png").read_bytes() == b"gpu png"
+    assert (dest / "report.md").read_text() == "gpu report"
+    # No report made on the GPU: rebuilt here from the tarball's mlflow store.
+    root2 = tmp_path / "repo2"
+    root2.mkdir()
+    dest = pub.publish("mqar_diffuse", _call_out(tmp_path / "b", with_report=False), root2)
+    assert "mqar_diffuse-sessa" in (dest / "report.md").read_text()
+    assert (dest / "loss_vs_tokens.png").stat().st_size > 1000
+    assert json.loads((dest / "summary.json").read_text())["plots"] == \
+        ["results/mqar_diffuse/loss_vs_tokens.png"]
+

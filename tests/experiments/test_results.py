@@ -59,6 +59,13 @@ def test_results_markdown_tables() -> None:
     assert "| Sessa | 0.600 | 0.300 |" in text                                # bins
     assert "- Sessa: 0: 1.25" in text                                         # seed-1 beta
     assert "cmd one" in text
+    broken = _summary()
+    for r in broken["runs"]:
+        r["memory_tail"] = []
+    broken["runs"][0]["memory_tail_failed"] = 1
+    text = res.results_markdown(broken)
+    assert "Memory tail (fitted" not in text
+    assert "Memory tail failed for: Sessa seed 1 (exit 1) (logs: `seeds/logs/memtail-" in text
 
 
 def test_aggregate_skips_failed_runs() -> None:

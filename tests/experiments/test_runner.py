@@ -8,7 +8,9 @@ import pathlib
 import sys
 import time
 
-from sessa_pt.experiments.runner import Job, Runner, gpu_slots
+import subprocess
+
+from sessa_pt.experiments.runner import Job, Runner, git_commit, gpu_slots
 
 PY = sys.executable
 
@@ -65,3 +67,22 @@ def test_dry_run_records_and_runs_nothing(tmp_path: pathlib.Path) -> None:
     res = runner.run_all([Job([PY, "-c", f"open({str(marker)!r}, 'w')"])])
     assert res[0].code == 0 and not marker.exists()
     assert runner.run(["echo", "x y"]) == 0 and runner.commands[-1] == "echo 'x y'"
+
+
+def test_git_commit_prefers_the_named_commit(tmp_path: pathlib.Path, monkeypatch) -> None:
+    """A copied tree with a stale .git (the GPU machine's case) must report the commit the
+    caller names, not the stale one; without the name, a real repository's HEAD."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "f").write_text("x")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "f"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "commit", "-qm", "c"], check=True)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    monkeypatch.delenv("SESSA_GIT_COMMIT", raising=False)
+    assert git_commit(tmp_path) == head
+    (tmp_path / "f").write_text("changed")
+    assert git_commit(tmp_path) == head + "+dirty"
+    monkeypatch.setenv("SESSA_GIT_COMMIT", "abc1234")
+    assert git_commit(tmp_path) == "abc1234"
+
