@@ -6,7 +6,7 @@ or ``AttentionMixer``; ``triton`` is the triton mixer with ``solve="queue"``, ``
 with ``solve="panel"`` (the default of ``model.sessa.solve``), ``triton_panel_c128`` the same
 with 128-row chunks (``model.sessa.chunk_size=128``), ``triton_panel_m64`` with a 64 MiB
 scratch budget (``model.sessa.panel_mib=64``), ``triton_panel_inv`` with
-``solve="panel_inverse"``; a ``+compile`` suffix runs the block under
+``solve="panel_inverse"`` (``triton_panel_inv_c128``: and 128-row chunks); a ``+compile`` suffix runs the block under
 torch.compile (e.g. ``attention+compile,triton_panel+compile``). D=1024, 16 heads, bf16, 16k
 tokens per batch (B = 16384 / T, B = 1 beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
 (weights and the input). Run on the GPU machine:
@@ -46,6 +46,8 @@ TRITON_VARIANTS = {
     "triton_panel_m64": {"solve": "panel", "chunk_size": 64, "panel_mib": 64.0},
     # the in-chunk inverses formed in the parallel pass: one product per sequential chunk step
     "triton_panel_inv": {"solve": "panel_inverse", "chunk_size": 64},
+    # the same with 128-row chunks: half the sequential steps, each one 128 x 128 x 128 product
+    "triton_panel_inv_c128": {"solve": "panel_inverse", "chunk_size": 128},
 }
 COMPILED = "+compile"       # suffix: the same block under torch.compile (e.g. triton_panel+compile)
 

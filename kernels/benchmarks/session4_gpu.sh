@@ -64,12 +64,13 @@ fi
 
 # (b) layer fwd+bwd (D=1024, 16 heads, 16k tokens per batch), all under torch.compile (the
 # Sessa block compiles around the opaque ops): attention, the panel solve, and the panel solve
-# with the in-chunk inverses (solve=panel_inverse). LAYER_IMPLS replaces the list; the 128-row
-# chunks (triton_panel_c128+compile) were 1.3-1.7x slower than 64 in run 9 and left out, so
-# that T=32768 fits the part's time.
+# with the in-chunk inverses (solve=panel_inverse) at 64- and 128-row chunks (with the inverse a
+# 128-row chunk is one product per step, at half the steps). LAYER_IMPLS replaces the list; the
+# 128-row chunks with doubling (triton_panel_c128+compile) were 1.3-1.7x slower than 64 in run 9
+# and are left out.
 if want layers; then
     part layers "$LAYERS_S" python3 $BENCH/bench_sessa_layer.py --seq 2048,8192,16384,32768 \
-        --impls "${LAYER_IMPLS:-attention+compile,triton_panel+compile,triton_panel_inv+compile}" --decode '' \
+        --impls "${LAYER_IMPLS:-attention+compile,triton_panel+compile,triton_panel_inv+compile,triton_panel_inv_c128+compile}" --decode '' \
         --json "$OUT_DIR/layers.json"
     grep -A 20 '^ *T ' "$OUT_DIR/layers.log" >"$OUT_DIR/layers.md" 2>/dev/null
 fi

@@ -40,6 +40,20 @@ def test_panel_tiny_matches_dense(T: int, routing: str, solve: str) -> None:
         assert rel_err(x, r) < TOL, name
 
 
+def test_panel_inverse_128_row_chunks_match_dense() -> None:
+    """128-row chunks (model.sessa.chunk_size=128), two chunks and a partial third: the
+    in-chunk inverse at its largest tile, against the float64 dense reference and the
+    doubling."""
+    q, k, g, f, ds = feedback_inputs(1, 300, 32, 40, routing="diffuse", dtype=torch.float32,
+                                     device=DEV, seed=7)
+    ref = value_and_grads(feedback_dense, *(x.double() for x in (q, k, g, f, ds)))
+    outs = {solve: value_and_grads(lambda *a, solve=solve: feedback_triton(
+        *a, block_m=128, solve=solve), q, k, g, f, ds) for solve in ("panel", "panel_inverse")}
+    for name, x, xd, r in zip(NAMES, outs["panel_inverse"], outs["panel"], ref, strict=True):
+        assert rel_err(x, r) < TOL, name
+        assert rel_err(x, xd) < TOL, name
+
+
 @pytest.mark.parametrize("gemm_rows", [32, 48])
 def test_dq_dk_gemm_blocks_match_dense(monkeypatch, gemm_rows: int) -> None:
     """dq and dk by GEMMs of each dlogit panel: the columns before it at once, its diagonal part
