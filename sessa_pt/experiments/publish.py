@@ -50,7 +50,11 @@ def merge_summaries(old: dict, new: dict) -> dict:
     kept = [r for r in old.get("runs", []) if r["variant"] not in ran]
     order = [*old.get("variants", []), *(v for v in new["variants"]
                                           if v not in old.get("variants", []))]
-    commands = [*old.get("commands", []), *new.get("commands", [])]
+    # the old call's commands, less those of the models rerun now (their run directories and
+    # recipes name them) and less the lines the new call repeats (cd, notes, the report)
+    fresh = new.get("commands", [])
+    commands = [c for c in old.get("commands", []) if c not in fresh and not any(
+        f"/{v}-seed" in c or f"/{v}.yaml" in c for v in ran)] + fresh
     return {**new, "variants": order, "runs": kept + new["runs"], "commands": commands,
             "aggregate": res.aggregate(kept + new["runs"], list(new["metrics"]))}
 

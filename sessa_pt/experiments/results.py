@@ -54,6 +54,25 @@ def fmt_ci(s: dict[str, Any], digits: int = 4) -> str:
     return f"[{s['ci95_lo']:.{digits}f}, {s['ci95_hi']:.{digits}f}]"
 
 
+def final_val_loss(runs: list[dict[str, Any]], variants: list[str],
+                   labels: dict[str, str]) -> list[str]:
+    """The final runs' last validation loss (the trainer's, on the validation split the rates
+    were chosen on) per model, beside the test metrics: where the test split is out of
+    distribution (the LM's held-out source), this is the in-distribution reading."""
+    rows = []
+    for v in variants:
+        vals = [r["val_loss"] for r in runs if r["variant"] == v
+                and isinstance(r.get("val_loss"), (int, float)) and math.isfinite(r["val_loss"])]
+        if vals:
+            rows.append(f"| {labels.get(v, v)} | {fmt_stat(mean_std_ci(vals))} | "
+                        + ", ".join(f"{x:.4f}" for x in vals) + " |")
+    if not rows:
+        return []
+    return ["Validation loss at the end of training (the validation split, the trainer's last "
+            "evaluation):", "", "| model | val loss (mean ± std) | per seed |", "|---|---|---|",
+            *rows, ""]
+
+
 def aggregate(runs: list[dict[str, Any]], metrics: list[str]) -> dict[str, dict[str, Any]]:
     """Per variant and metric: mean, std and 95% interval over the variant's seeds."""
     out: dict[str, dict[str, Any]] = {}
@@ -194,6 +213,7 @@ def results_markdown(summary: dict[str, Any]) -> str:
         cells.append(", ".join(f"{r['train_seconds'] / 60:.1f}" for r in rs) + " min")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += final_val_loss(runs, variants, labels)
     per_seed = ["Per seed:", ""]
     for r in runs:
         vals = ", ".join(f"{m} {r['metrics'][m]:.4f}" for m in metrics

@@ -109,3 +109,18 @@ def test_report_comes_from_the_call_tarball(tmp_path: pathlib.Path, monkeypatch)
     assert json.loads((dest / "summary.json").read_text())["plots"] == \
         ["results/mqar_diffuse/loss_vs_tokens.png"]
 
+
+def test_merged_commands_drop_the_rerun_models() -> None:
+    def call(variants, tag):
+        return {"variants": variants, "metrics": ["token_acc"], "runs": [],
+                "commands": ["cd /repo"] + [f"train recipes/f/{v}.yaml run.dir=/o/runs/{v}-seed1"
+                                            f" {tag}" for v in variants] + ["report"]}
+
+    merged = pub.merge_summaries(call(["sessa", "sessa_nofb"], "old"), call(["sessa"], "new"))
+    assert merged["commands"] == ["train recipes/f/sessa_nofb.yaml run.dir=/o/runs/"
+                                  "sessa_nofb-seed1 old", "cd /repo",
+                                  "train recipes/f/sessa.yaml run.dir=/o/runs/sessa-seed1 new",
+                                  "report"]
+    again = pub.merge_summaries(merged, call(["sessa", "sessa_nofb"], "new"))
+    assert again["commands"] == call(["sessa", "sessa_nofb"], "new")["commands"]
+

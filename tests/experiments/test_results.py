@@ -28,7 +28,7 @@ def _summary() -> dict:
         for seed, acc in zip((1, 2, 3), accs, strict=True):
             runs.append({"variant": variant, "seed": seed, "lr": 1e-3, "train_seconds": 90.0,
                          "step": 100, "params_non_embedding": 2_400_000,
-                         "metrics": {"token_acc": acc},
+                         "metrics": {"token_acc": acc}, "val_loss": 2.0 - acc,
                          "bins": [{"lo": 64.0, "hi": 128.0, "acc": acc},
                                   {"lo": 128.0, "hi": 512.0, "acc": acc / 2}],
                          "memory_tail": [{"layer": "0", "mixer": variant, "beta": 0.25 + seed}]})
@@ -58,6 +58,7 @@ def test_results_markdown_tables() -> None:
     assert "| model | 64-128 | 128-512 |" in text
     assert "| Sessa | 0.600 | 0.300 |" in text                                # bins
     assert "- Sessa: 0: 1.25" in text                                         # seed-1 beta
+    assert "| Sessa | 1.4000 ± 0.1000 | 1.5000, 1.4000, 1.3000 |" in text      # final val loss
     assert "cmd one" in text
     broken = _summary()
     for r in broken["runs"]:
