@@ -6,10 +6,10 @@ or ``AttentionMixer``; ``triton`` is the triton mixer with ``solve="queue"``, ``
 with ``solve="panel"`` (the default of ``model.sessa.solve``), ``triton_panel_c128`` the same
 with 128-row chunks (``model.sessa.chunk_size=128``), ``triton_panel_m64`` with a 64 MiB
 scratch budget (``model.sessa.panel_mib=64``), ``triton_panel_inv`` with
-``solve="panel_inverse"`` (``triton_panel_inv_c128``: and 128-row chunks); a ``+compile`` suffix runs the block under
-torch.compile (e.g. ``attention+compile,triton_panel+compile``). D=1024, 16 heads, bf16, 16k
-tokens per batch (B = 16384 / T, B = 1 beyond). Peak memory is the peak allocated during fwd+bwd minus what was allocated before
-(weights and the input). Run on the GPU machine:
+``solve="panel_inverse"`` (``triton_panel_inv_c128``: and 128-row chunks); a ``+compile``
+suffix runs the block under torch.compile (e.g. ``attention+compile,triton_panel+compile``).
+D=1024, 16 heads, bf16, 16k tokens per batch (B = 16384 / T, B = 1 beyond). Peak memory is the
+peak allocated during fwd+bwd minus what was allocated before (weights and the input). Run on the GPU machine:
 
     PYTHONPATH=$PWD:$PWD/kernels python3 kernels/benchmarks/bench_sessa_layer.py \
         [--seq 512,2048,8192] [--impls attention,triton,triton_panel,chunked,dense] \

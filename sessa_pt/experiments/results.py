@@ -68,8 +68,9 @@ def final_val_loss(runs: list[dict[str, Any]], variants: list[str],
                         + ", ".join(f"{x:.4f}" for x in vals) + " |")
     if not rows:
         return []
-    return ["Validation loss at the end of training (the validation split, the trainer's last "
-            "evaluation):", "", "| model | val loss (mean ± std) | per seed |", "|---|---|---|",
+    title = ("Validation loss at the end of training (the validation split, the trainer's "
+             "last evaluation):")
+    return [title, "", "| model | val loss (mean ± std) | per seed |", "|---|---|---|",
             *rows, ""]
 
 

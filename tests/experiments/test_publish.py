@@ -117,10 +117,9 @@ def test_merged_commands_drop_the_rerun_models() -> None:
                                             f" {tag}" for v in variants] + ["report"]}
 
     merged = pub.merge_summaries(call(["sessa", "sessa_nofb"], "old"), call(["sessa"], "new"))
-    assert merged["commands"] == ["train recipes/f/sessa_nofb.yaml run.dir=/o/runs/"
-                                  "sessa_nofb-seed1 old", "cd /repo",
+    kept = "train recipes/f/sessa_nofb.yaml run.dir=/o/runs/sessa_nofb-seed1 old"
+    assert merged["commands"] == [kept, "cd /repo",
                                   "train recipes/f/sessa.yaml run.dir=/o/runs/sessa-seed1 new",
                                   "report"]
     again = pub.merge_summaries(merged, call(["sessa", "sessa_nofb"], "new"))
     assert again["commands"] == call(["sessa", "sessa_nofb"], "new")["commands"]
-

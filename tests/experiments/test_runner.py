@@ -5,10 +5,9 @@ budget and a job that ignores it is terminated."""
 from __future__ import annotations
 
 import pathlib
+import subprocess
 import sys
 import time
-
-import subprocess
 
 from sessa_pt.experiments.runner import Job, Runner, git_commit, gpu_slots
 
