@@ -16,6 +16,8 @@
 #   SWEEP_MINUTES  per-run cap of the sweep runs (default TRAIN_MINUTES, 1.5 with PHASE=all)
 #   VARIANTS       comma-separated models of this call (default: all of the experiment), e.g.
 #                  VARIANTS=sessa to give one model's three seeds a whole call
+#   RUNS_PER_GPU   runs side by side (default: the models x their rates, at least 3 seeds:
+#                  every run of the phase at once); set it when --lrs or --seeds change the count
 #   SESSA_GIT_COMMIT  the commit of the tree (the GPU machine has no .git to ask)
 #   WORK           where the runs live on the GPU machine (default /tmp/exp)
 #   WHEELS=0       skip the wheel install (a CPU check of this script with --smoke)
@@ -62,15 +64,16 @@ if [[ $phase == all ]]; then : "${TRAIN_MINUTES:=3.5}" "${SWEEP_MINUTES:=1.5}"; 
 : "${TRAIN_MINUTES:=4.0}" "${SWEEP_MINUTES:=$TRAIN_MINUTES}"
 args=(--gpus 0 --out $work/$name --minutes "$TRAIN_MINUTES" --sweep-minutes "$SWEEP_MINUTES")
 [[ -n ${VARIANTS:-} ]] && args+=(--variants "$VARIANTS")
-n_variants=$($PY - "$exp" "${VARIANTS:-}" <<'EOF'
+n_runs=$($PY - "$exp" "${VARIANTS:-}" <<'EOF'
 import sys
 from sessa_pt.experiments.__main__ import EXPERIMENTS
 e = EXPERIMENTS[sys.argv[1]]()
-print(len(sys.argv[2].split(",")) if sys.argv[2] else len(e.variants))
+n = len(sys.argv[2].split(",")) if sys.argv[2] else len(e.variants)
+print(n * max(len(e.lrs), 3))
 EOF
 )
-# every run of the phase gets its own slot on GPU 0: 3 learning rates or 3 seeds per model
-args+=(--runs-per-gpu $(( 3 * n_variants )))
+# every run of the phase gets its own slot on GPU 0: each rate of the sweep, or 3 seeds per model
+args+=(--runs-per-gpu "${RUNS_PER_GPU:-$n_runs}")
 if [[ $phase == seeds && -f results/$name/choice.json ]]; then
   args+=(--choice "results/$name/choice.json")
 fi

@@ -25,7 +25,7 @@ class SymbolSoup(Experiment):
     metrics = ("token_acc",)
     select_metric = "token_acc"
     breakdown = "length"
-    lrs = (2.5e-4, 5e-4, 1e-3)
+    lrs = (1.25e-4, 2.5e-4, 5e-4, 1e-3)    # Sessa chose the lowest of 2.5e-4..1e-3
     sweep_budget = Budget(500, 50, 0.0)
     final_budget = Budget(1500, 150, 0.0)
 
