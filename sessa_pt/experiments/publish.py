@@ -3,6 +3,7 @@ NAME DIR`` (NAME: symbolsoup600, symbolsoup2048, mqar_diffuse, lm_table2; DIR: t
 call's ``$OUT`` files came back to, from ``sessa_pt/experiments/gpu_call.sh``).
 
 - a sweep's ``choice.json`` -> ``results/NAME/choice.json`` (the seeds call reads it there);
+  a sweep of some models (``VARIANTS=...``) replaces only their rows and choices there;
 - a seeds call's ``summary.json``, ``report.md`` and PNGs -> ``results/NAME/``. The report
   and PNGs are taken from DIR, else from ``seeds/report/`` inside the call's ``runs.tar.gz``;
   where that has no plots (a GPU image without matplotlib), the report is rebuilt here from
@@ -59,6 +60,38 @@ def merge_summaries(old: dict, new: dict) -> dict:
             "aggregate": res.aggregate(kept + new["runs"], list(new["metrics"]))}
 
 
+def merge_choices(old: dict, new: dict) -> dict:
+    """``new`` sweep with ``old``'s other models kept: a sweep rerun for some models
+    (``VARIANTS=sessa``, or wider ``--lrs``) replaces those models' rows and choices only.
+    The rates become the union; a model's row holds only the rates it ran."""
+    if not old or old.get("experiment") != new.get("experiment"):
+        return new
+    ran = set(new.get("table", {}))
+    keep = [v for v in old.get("table", {}) if v not in ran]
+    def joined(key: str) -> str:     # both calls' budget or commit, where rows of both remain
+        parts = [old.get(key, "")] * bool(keep) + [new.get(key, "")]
+        return "; ".join(dict.fromkeys(p for p in parts if p))
+    kept_lrs = {float(lr) for v in keep for lr in old["table"][v]}
+    return {**new, "lrs": sorted(kept_lrs | set(new.get("lrs", []))),
+            "table": {**{v: old["table"][v] for v in keep}, **new.get("table", {})},
+            "chosen": {**{v: old["chosen"][v] for v in keep if v in old.get("chosen", {})},
+                       **new.get("chosen", {})},
+            "runs": [r for r in old.get("runs", []) if r.get("variant") in keep]
+            + new.get("runs", []),
+            "budget": joined("budget"), "git_commit": joined("git_commit")}
+
+
+def _check_rates(summary: dict, choice: dict) -> None:
+    """Every final run trained at its model's chosen rate, or the table would misattribute."""
+    for r in summary.get("runs", []):
+        want = choice.get("chosen", {}).get(r["variant"])
+        if want is not None and abs(r["lr"] - want) > 1e-12 * max(1.0, abs(want)):
+            raise SystemExit(
+                f"{r['variant']} seed {r.get('seed')} trained at lr {r['lr']:g}, but "
+                f"results/{summary['experiment']}/choice.json chose {want:g}: publish the "
+                "sweep that chose that rate first, or rerun the seeds at the chosen rate")
+
+
 def _report_from_tarball(tarball: pathlib.Path, name: str, dest: pathlib.Path,
                          prefix: str) -> None:
     """The seeds phase's comparison report out of the call's ``runs.tar.gz`` (its layout:
@@ -91,7 +124,10 @@ def publish(name: str, src: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.
     dest = root / "results" / name
     dest.mkdir(parents=True, exist_ok=True)
     if (src / "choice.json").is_file():
-        shutil.copy2(src / "choice.json", dest / "choice.json")
+        old_choice = json.loads((dest / "choice.json").read_text()) \
+            if (dest / "choice.json").is_file() else {}
+        res.write_summary(dest / "choice.json", merge_choices(
+            old_choice, json.loads((src / "choice.json").read_text())))
         print(f"[publish] {dest / 'choice.json'}: the seeds call reads it")
     if not (src / "summary.json").is_file():
         if not (src / "choice.json").is_file():
@@ -102,6 +138,13 @@ def publish(name: str, src: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.
     old = json.loads((dest / "summary.json").read_text()) if (dest / "summary.json").is_file() \
         else {}
     summary = merge_summaries(old, new)
+    if (dest / "choice.json").is_file():
+        # the published sweep, not whatever sweep the GPU machine last held: a seeds call
+        # given --lr, or a sweep published in parts, still shows the sweep behind its rates
+        choice = json.loads((dest / "choice.json").read_text())
+        _check_rates(summary, choice)
+        if "table" in choice:            # a sweep's choice, not a hand-written {"chosen": ...}
+            summary["sweep"] = choice
     # A call that ran some of the models keeps its report apart: <models>-<file>.
     every = set(new.get("all_variants") or new["variants"]) | set(summary["variants"])
     prefix = "" if set(new["variants"]) >= every else "-".join(new["variants"]) + "-"

@@ -183,10 +183,11 @@ def results_markdown(summary: dict[str, Any]) -> str:
                    f"{sweep['budget']}, seed {sweep['seed']}):"), "",
                   "| model | " + " | ".join(f"lr {lr:g}" for lr in sweep["lrs"])
                   + " | chosen |", "|---|" + "---|" * (len(sweep["lrs"]) + 1)]
-        for v in variants:
+        # every model of the sweep, also one whose final runs are still to come
+        for v in [*variants, *(v for v in sweep["table"] if v not in variants)]:
             row = sweep["table"].get(v, {})
-            cells = [f"{row[str(lr)]:.4f}" if row.get(str(lr)) is not None else "failed"
-                     for lr in sweep["lrs"]]
+            cells = [f"{row[f'{lr:g}']:.4f}" if row.get(f"{lr:g}") is not None else
+                     "failed" if f"{lr:g}" in row else "not run" for lr in sweep["lrs"]]
             lines.append(f"| {labels.get(v, v)} | " + " | ".join(cells)
                          + f" | {sweep['chosen'].get(v, '-')} |")
         lines.append("")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import pathlib
 import sys
@@ -250,6 +251,16 @@ def _train_and_eval(ctx: Context, phase: str, plan: list[tuple[str, float, int, 
     return runs
 
 
+def _best_rate(scores: dict[float, float], val_loss: dict[float, Any], mode: str) -> float:
+    """The rate with the best score; a tie (e.g. every rate still at chance accuracy) goes to
+    the lower final validation loss, then to the lower rate."""
+    def loss(lr: float) -> float:
+        x = val_loss.get(lr)
+        return x if isinstance(x, (int, float)) and math.isfinite(x) else math.inf
+    sign = -1.0 if mode == "max" else 1.0
+    return min(scores, key=lambda lr: (sign * scores[lr], loss(lr), lr))
+
+
 def run_sweep(ctx: Context) -> dict[str, Any]:
     exp, args = ctx.exp, ctx.args
     lrs = _floats(args.lrs, "--lrs")
@@ -268,14 +279,14 @@ def run_sweep(ctx: Context) -> dict[str, Any]:
         table[v] = {f"{lr:g}": scores.get(lr) for lr in lrs}
         ok = {lr: s for lr, s in scores.items() if s is not None}
         if ok:
-            pick = max if exp.select_mode == "max" else min
-            chosen[v] = pick(ok, key=lambda lr: ok[lr])
+            chosen[v] = _best_rate(ok, {r["lr"]: r.get("val_loss") for r in runs
+                                        if r["variant"] == v}, exp.select_mode)
     choice = {"experiment": exp.name, "select_metric": exp.select_metric,
               "select_mode": exp.select_mode, "split": "valid", "lrs": lrs,
               "seed": args.sweep_seed, "budget": budget.text(exp.tokens_per_step()),
               "table": table, "chosen": chosen, "git_commit": git_commit(),
-              "runs": [{k: r.get(k) for k in ("variant", "lr", "seed", "metrics", "step",
-                                               "train_seconds", "stopped", "command")}
+              "runs": [{k: r.get(k) for k in ("variant", "lr", "seed", "metrics", "val_loss",
+                                               "step", "train_seconds", "stopped", "command")}
                        for r in runs], "smoke": args.smoke}
     if not args.dry_run:
         res.write_summary(ctx.out / "sweep" / "choice.json", choice)

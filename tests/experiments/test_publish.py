@@ -123,3 +123,48 @@ def test_merged_commands_drop_the_rerun_models() -> None:
                                   "report"]
     again = pub.merge_summaries(merged, call(["sessa", "sessa_nofb"], "new"))
     assert again["commands"] == call(["sessa", "sessa_nofb"], "new")["commands"]
+
+
+def _choice(table: dict, budget: str, commit: str) -> dict:
+    return {"experiment": "symbolsoup600", "select_metric": "token_acc", "select_mode": "max",
+            "lrs": sorted({float(lr) for row in table.values() for lr in row}), "seed": 0,
+            "budget": budget, "git_commit": commit, "table": table,
+            "chosen": {v: max((float(k) for k, s in row.items() if s is not None),
+                              key=lambda lr: row[f"{lr:g}"]) for v, row in table.items()},
+            "runs": [{"variant": v, "lr": float(k)} for v, row in table.items() for k in row]}
+
+
+def test_sweep_rerun_for_some_models_replaces_only_their_rows(tmp_path: pathlib.Path) -> None:
+    """A first sweep of two models, one of whose runs failed, then a wider sweep of that model
+    alone: the published choice keeps the other model's row and shows which rates it lacks;
+    the seeds summary shows that merged sweep, and a run at another rate is refused."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    first = _choice({"sessa": {"0.00025": 0.2, "0.0005": None},
+                     "transformer": {"0.00025": 0.3, "0.0005": 0.4}}, "500 steps", "aaa")
+    second = _choice({"sessa": {"0.000125": 0.1, "0.00025": 0.18, "0.0005": 0.12}},
+                     "500 steps", "bbb")
+    for i, choice in enumerate([first, second]):
+        (tmp_path / f"c{i}").mkdir()
+        (tmp_path / f"c{i}" / "choice.json").write_text(json.dumps(choice))
+        pub.publish("symbolsoup600", tmp_path / f"c{i}", root)
+    merged = json.loads((root / "results" / "symbolsoup600" / "choice.json").read_text())
+    assert merged["lrs"] == [0.000125, 0.00025, 0.0005]
+    assert merged["chosen"] == {"transformer": 0.0005, "sessa": 0.00025}
+    assert merged["table"]["sessa"]["0.0005"] == 0.12 and merged["git_commit"] == "aaa; bbb"
+    assert [r["lr"] for r in merged["runs"] if r["variant"] == "sessa"] == [
+        0.000125, 0.00025, 0.0005]
+    summary = _summary()                       # seeds of sessa and transformer
+    summary["experiment"] = "symbolsoup600"
+    for r in summary["runs"]:
+        r["lr"] = merged["chosen"][r["variant"]]
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "summary.json").write_text(json.dumps(summary))
+    pub.publish("symbolsoup600", tmp_path / "s", root)
+    text = (root / "results" / "symbolsoup600" / "RESULTS.md").read_text()
+    assert "| 0.1000 | 0.1800 | 0.1200 | 0.00025 |" in text       # the rerun's sessa row
+    assert "| not run | 0.3000 | 0.4000 | 0.0005 |" in text       # transformer never ran 1.25e-4
+    summary["runs"][0]["lr"] = 1e-3
+    (tmp_path / "s" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match="chose 0.00025"):
+        pub.publish("symbolsoup600", tmp_path / "s", root)

@@ -37,7 +37,7 @@ def test_sweep_plan(name: str, models: int, tmp_path: pathlib.Path, capsys) -> N
         assert any("recipes/lm_table2/sessa_nofb.yaml" in c for c in train)
     else:
         if name == "symbolsoup":   # the paper's gain beside the reference Sessa
-            assert sum("recipes/symbolsoup/sessa_paper.yaml" in c for c in train) == 3
+            assert sum("recipes/symbolsoup/sessa_paper.yaml" in c for c in train) == len(exp.lrs)
         assert all("/valid/manifest.json" in c for c in evals)
     assert not (tmp_path / "o").exists()
 
@@ -82,7 +82,10 @@ def test_sweep_picks_each_models_best_rate_on_validation(tmp_path, monkeypatch) 
 
 
 def test_lm_sweep_minimises_validation_loss(tmp_path, monkeypatch) -> None:
-    scores = {("sessa", 5e-4): 4.0, ("sessa", 1e-3): 3.5, ("sessa", 2e-3): 3.9}
+    from sessa_pt.experiments.lm import LanguageModel
+
+    lo, mid, *rest = LanguageModel.lrs
+    scores = {("sessa", lo): 4.0, ("sessa", mid): 3.5, **{("sessa", lr): 3.9 for lr in rest}}
     monkeypatch.setattr(tuned, "_train_and_eval", _fake_phase(scores, "loss"))
     (tmp_path / "d" / "shards" / "valid").mkdir(parents=True)
     (tmp_path / "d" / "heldout" / "valid").mkdir(parents=True)
@@ -91,7 +94,7 @@ def test_lm_sweep_minimises_validation_loss(tmp_path, monkeypatch) -> None:
     main(["lm", "sweep", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"),
           "--variants", "sessa"])
     choice = json.loads((tmp_path / "o" / "sweep" / "choice.json").read_text())
-    assert choice["chosen"] == {"sessa": 1e-3} and choice["select_mode"] == "min"
+    assert choice["chosen"] == {"sessa": mid} and choice["select_mode"] == "min"
 
 
 def test_seeds_phase_uses_the_choice(tmp_path: pathlib.Path, capsys) -> None:
@@ -126,3 +129,12 @@ def test_bad_input_is_rejected(tmp_path: pathlib.Path) -> None:
     with pytest.raises(SystemExit, match="VARIANT=LR"):
         main(["mqar", "seeds", "--dry-run", "--lr", "1e-3", *base])
     assert main(["nope"]) == 2
+
+
+def test_sweep_tie_goes_to_the_lower_validation_loss() -> None:
+    """Every rate at chance accuracy (Mamba2 after a short SymbolSoup sweep): the lower final
+    validation loss decides, then the lower rate."""
+    scores = {2.5e-4: 0.05, 5e-4: 0.05, 1e-3: 0.05}
+    assert tuned._best_rate(scores, {2.5e-4: 2.9981, 5e-4: 2.9979, 1e-3: None}, "max") == 5e-4
+    assert tuned._best_rate(scores, {}, "max") == 2.5e-4
+    assert tuned._best_rate({1e-3: 3.5, 2e-3: 3.4}, {1e-3: 3.0, 2e-3: 3.9}, "min") == 2e-3
