@@ -17,7 +17,9 @@
 #   VARIANTS       comma-separated models of this call (default: all of the experiment), e.g.
 #                  VARIANTS=sessa to give one model's three seeds a whole call
 #   RUNS_PER_GPU   runs side by side (default: the models x their rates, at least 3 seeds:
-#                  every run of the phase at once); set it when --lrs or --seeds change the count
+#                  every run of the phase at once); set it when --lrs or --seeds change the count.
+#                  A run that runs the GPU out of memory beside others starts again when one
+#                  ends, with one slot fewer (sessa_pt/experiments/runner.py)
 #   SESSA_GIT_COMMIT  the commit of the tree (the GPU machine has no .git to ask)
 #   WORK           where the runs live on the GPU machine (default /tmp/exp)
 #   WHEELS=0       skip the wheel install (a CPU check of this script with --smoke)

@@ -30,6 +30,9 @@ from typing import IO, Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KILL_GRACE_S = 30.0
+# what a torch process prints when CUDA cannot allocate (torch.OutOfMemoryError's message)
+OOM_MARKERS = ("CUDA out of memory", "torch.OutOfMemoryError")
+MAX_OOM_RETRIES = 2
 
 
 @dataclasses.dataclass
@@ -48,6 +51,7 @@ class JobResult:
     seconds: float
     stopped: bool = False        # the STOP file was written (time budget reached)
     killed: bool = False         # the job ignored the STOP file and was terminated
+    oom_retries: int = 0         # times it ran out of GPU memory beside others and was requeued
 
 
 @dataclasses.dataclass
@@ -87,9 +91,13 @@ class Runner:
     def parallel(self) -> bool:
         return len(self.slots) > 1
 
-    def _record(self, cmd: list[str], overlay: dict[str, str]) -> str:
-        text = " ".join([*(f"{k}={v}" for k, v in overlay.items()),
+    @staticmethod
+    def _format(cmd: list[str], overlay: dict[str, str]) -> str:
+        return " ".join([*(f"{k}={v}" for k, v in overlay.items()),
                          *(shlex.quote(c) for c in cmd)])
+
+    def _record(self, cmd: list[str], overlay: dict[str, str]) -> str:
+        text = self._format(cmd, overlay)
         self.commands.append(text)
         return text
 
@@ -113,12 +121,19 @@ class Runner:
         pending = list(enumerate(jobs))
         running: dict[int, _Running] = {}
         free = list(range(len(self.slots)))
+        retired: list[int] = []            # slots given up after an out-of-memory failure
+        waiting: list[tuple[int, Job]] = []  # those jobs, until another job ends
+        retries = [0] * len(jobs)
         while pending or running:
+            if pending and not free and not running and retired:
+                free.append(retired.pop())
             while pending and free:
                 i, job = pending.pop(0)
                 slot = free.pop(0)
                 overlay = self.slots[slot] if self.parallel else {}
-                text = self._record(job.cmd, overlay)
+                # one recorded command per job (callers index them): a retry is not recorded
+                text = self._record(job.cmd, overlay) if not retries[i] else \
+                    f"{self._format(job.cmd, overlay)}   # again, after running out of memory"
                 print(f"\n$ {text}" + (f"\n  (log: {job.log})" if self.parallel and job.log
                                        else ""), flush=True)
                 if self.dry_run:
@@ -128,7 +143,8 @@ class Runner:
                 out = None
                 if self.parallel and job.log:
                     job.log.parent.mkdir(parents=True, exist_ok=True)
-                    out = open(job.log, "w")  # noqa: SIM115 (closed when the job ends)
+                    # a retried job appends: its log keeps the out-of-memory attempt
+                    out = open(job.log, "a" if retries[i] else "w")  # noqa: SIM115 (closed at its end)
                 proc = subprocess.Popen(job.cmd, cwd=self.cwd, stdout=out,
                                         stderr=subprocess.STDOUT if out else None,
                                         env={**os.environ, **(env or {}), **overlay})
@@ -143,13 +159,35 @@ class Runner:
                 if r.out:
                     r.out.close()
                 secs = time.time() - r.t0
-                results[i] = JobResult(r.proc.returncode, secs, r.stopped,
-                                       r.term_at is not None)
                 del running[i]
+                if self._requeue_after_oom(jobs[i], r, retries[i], len(running)):
+                    retries[i] += 1
+                    retired.append(r.slot)
+                    waiting.append((i, jobs[i]))
+                    continue
+                results[i] = JobResult(r.proc.returncode, secs, r.stopped,
+                                       r.term_at is not None, retries[i])
                 free.append(r.slot)
+                pending[:0], waiting = waiting, []     # memory has freed: retry those first
                 self._report_end(jobs[i], results[i])
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    def _requeue_after_oom(self, job: Job, r: _Running, retries: int, others: int) -> bool:
+        """A job that ran its GPU out of memory while ``others`` jobs shared the slots is
+        started again once one of them ends, with one slot fewer from then on: packing runs
+        side by side must not lose a run to a bad guess of how many fit. A job that runs out
+        of memory with nobody beside it fails as it is."""
+        if (not r.proc.returncode or r.stopped or not others or retries >= MAX_OOM_RETRIES
+                or not job.log or not job.log.is_file()):
+            return False
+        with open(job.log, errors="replace") as f:
+            if not any(m in f.read() for m in OOM_MARKERS):
+                return False
+        print(f"[runner] {job.name or job.log.stem}: out of GPU memory beside {others} other "
+              "job(s); it runs again when one of them ends, with one slot fewer from then on",
+              flush=True)
+        return True
 
     def _enforce_budget(self, job: Job, r: _Running, max_minutes: float) -> None:
         if not max_minutes:

@@ -228,6 +228,7 @@ def _train_and_eval(ctx: Context, phase: str, plan: list[tuple[str, float, int, 
                                     strict=True)):
         summary = read_json(pathlib.Path(r["run_dir"]) / "summary.json")
         r.update(code=jr.code, train_seconds=jr.seconds, stopped=jr.stopped or jr.killed,
+                 oom_retries=jr.oom_retries,
                  step=summary.get("step"), val_loss=summary.get("val_loss"),
                  command=ctx.runner.commands[first + i])
     evaluated, ejobs = [], []

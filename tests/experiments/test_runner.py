@@ -85,3 +85,37 @@ def test_git_commit_prefers_the_named_commit(tmp_path: pathlib.Path, monkeypatch
     monkeypatch.setenv("SESSA_GIT_COMMIT", "abc1234")
     assert git_commit(tmp_path) == "abc1234"
 
+
+
+def test_out_of_memory_beside_others_runs_again_with_one_slot_fewer(
+        tmp_path: pathlib.Path) -> None:
+    """Three slots, four jobs: the second fails with torch's out-of-memory message on its first
+    attempt while others run; it waits for one to end, then runs (and succeeds) with at most two
+    jobs side by side from then on. A job that fails for another reason, or runs out of memory
+    alone, is not retried."""
+    flag, live = tmp_path / "attempted", tmp_path / "live"
+    live.mkdir()
+    track = (f"import os, pathlib, time, sys\nme = pathlib.Path({str(live)!r}) / str(os.getpid())"
+             "\nme.touch()\nn = len(list(me.parent.iterdir()))\n"
+             f"open({str(tmp_path / 'peak')!r}, 'a').write(f'{{n}}\\n')\n")
+    oom_once = track + (f"f = pathlib.Path({str(flag)!r})\nif not f.exists():\n    f.touch()\n"
+                        "    me.unlink()\n    print('torch.OutOfMemoryError: CUDA out of memory."
+                        " Tried to allocate 38.00 MiB'); sys.exit(1)\n"
+                        "time.sleep(0.3)\nme.unlink()\n")
+    sleeper = track + "time.sleep(0.8)\nme.unlink()\n"
+    runner = Runner(slots=gpu_slots("0", 3), poll_s=0.02)
+    res = runner.run_all([_job(sleeper, tmp_path / "a.log"), _job(oom_once, tmp_path / "b.log"),
+                          _job(sleeper, tmp_path / "c.log"), _job(sleeper, tmp_path / "d.log")])
+    assert [r.code for r in res] == [0, 0, 0, 0]
+    assert [r.oom_retries for r in res] == [0, 1, 0, 0]
+    assert len(runner.commands) == 4                     # one per job: callers index them
+    assert "CUDA out of memory" in (tmp_path / "b.log").read_text()   # the log keeps attempt 1
+    peaks = [int(x) for x in (tmp_path / "peak").read_text().split()]
+    assert len(peaks) == 5 and max(peaks[3:]) <= 2    # the retry and d: at most 2 at once
+    runner = Runner(slots=gpu_slots("0", 2), poll_s=0.02)
+    flag.unlink()
+    (res,) = runner.run_all([_job(oom_once, tmp_path / "e.log")])       # alone: no retry
+    assert (res.code, res.oom_retries) == (1, 0)
+    other = "import sys; print('some other error'); sys.exit(3)"
+    res = runner.run_all([_job(sleeper, tmp_path / "f.log"), _job(other, tmp_path / "g.log")])
+    assert [(r.code, r.oom_retries) for r in res] == [(0, 0), (3, 0)]
