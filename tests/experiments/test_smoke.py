@@ -61,3 +61,24 @@ def test_lm_gpu_call_sweep_then_seeds_on_cpu(tmp_path: pathlib.Path) -> None:
     dest = pub.publish("lm_table2", seeds, root)
     assert (dest / "summary.json").is_file()
     assert "Sessa without feedback" in (root / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow
+def test_symbolsoup_all_in_process_on_cpu(tmp_path: pathlib.Path) -> None:
+    """The tuned SymbolSoup path end to end: task shards (sessa-data symbolsoup), a 2-rate
+    sweep, one seed at its choice, the class-token evaluation by length, the memory tail and
+    RESULTS.md."""
+    from sessa_pt.experiments.__main__ import main
+
+    out = tmp_path / "o"
+    assert main(["symbolsoup", "all", "--smoke", "--out", str(out), "--variants", "sessa",
+                 "--lrs", "1e-3,3e-3", "--seeds", "1", "--gpus", "0", "--runs-per-gpu",
+                 "2"]) == 0
+    choice = json.loads((out / "sweep" / "choice.json").read_text())
+    assert set(choice["table"]["sessa"]) == {"0.001", "0.003"}
+    summary = json.loads((out / "seeds" / "summary.json").read_text())
+    (run,) = summary["runs"]
+    assert run["lr"] == choice["chosen"]["sessa"] and 0.0 <= run["metrics"]["token_acc"] <= 1.0
+    assert run["bins"] and run["memory_tail"] and run["oom_retries"] == 0
+    text = (out / "seeds" / "RESULTS.md").read_text()
+    assert "SMOKE TEST" in text and "Token accuracy by length" in text
