@@ -54,6 +54,43 @@ def fmt_ci(s: dict[str, Any], digits: int = 4) -> str:
     return f"[{s['ci95_lo']:.{digits}f}, {s['ci95_hi']:.{digits}f}]"
 
 
+def memory_tail_table(runs: list[dict[str, Any]], variants: list[str],
+                      labels: dict[str, str]) -> list[str]:
+    """The fitted tail exponent per layer and for the whole model, mean ± std over each model's
+    seeds (``sessa-eval memory-tail`` of every final run)."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        for row in r.get("memory_tail") or []:
+            if isinstance(row.get("beta"), (int, float)) and math.isfinite(row["beta"]):
+                rows.setdefault(r["variant"], {}).setdefault(str(row["layer"]), []).append(
+                    row["beta"])
+    if not rows:
+        return []
+    layers = sorted({k for per in rows.values() for k in per if k != "model"}, key=_layer_key)
+    lines = [("Memory tail (fitted beta, influence ~ lag^-beta: smaller is a heavier tail; "
+              "mean ± std over seeds):"), "",
+             "| model | seeds | whole model | " + " | ".join(f"layer {k}" for k in layers)
+             + " |", "|---|---|---|" + "---|" * len(layers)]
+    for v in [v for v in variants if v in rows]:
+        per = rows[v]
+        cells = [_mean_std(per.get(k, [])) for k in ["model", *layers]]
+        n = max(len(x) for x in per.values())
+        lines.append(f"| {labels.get(v, v)} | {n} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _layer_key(layer: str) -> tuple[int, str]:
+    return (int(layer), "") if layer.isdigit() else (1 << 30, layer)
+
+
+def _mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
 def final_val_loss(runs: list[dict[str, Any]], variants: list[str],
                    labels: dict[str, str]) -> list[str]:
     """The final runs' last validation loss (the trainer's, on the validation split the rates
@@ -226,19 +263,7 @@ def results_markdown(summary: dict[str, Any]) -> str:
     if summary.get("breakdown"):
         lines += bins_table(runs, variants, labels, summary["breakdown"])
     lines += dynamics_table(runs, variants, labels)
-    tails = [r for r in runs if r.get("memory_tail")]
-    if tails:
-        lines += [("Memory tail (fitted beta per layer, influence ~ lag^-beta; seed "
-                   f"{tails[0]['seed']} of each model):"), ""]
-        seen: set[str] = set()
-        for r in tails:
-            if r["variant"] in seen:
-                continue
-            seen.add(r["variant"])
-            betas = ", ".join(f"{row['layer']}: {row['beta']:.2f}" for row in r["memory_tail"]
-                              if row.get("beta") is not None)
-            lines.append(f"- {labels.get(r['variant'], r['variant'])}: {betas}")
-        lines.append("")
+    lines += memory_tail_table(runs, variants, labels)
     failed = [r for r in runs if r.get("memory_tail_failed")]
     if failed:
         lines += ["Memory tail failed for: " + ", ".join(

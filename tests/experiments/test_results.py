@@ -57,7 +57,7 @@ def test_results_markdown_tables() -> None:
     assert "| Sessa | 0.1000 | 0.3000 | failed | 0.001 |" in text             # sweep table
     assert "| model | 64-128 | 128-512 |" in text
     assert "| Sessa | 0.600 | 0.300 |" in text                                # bins
-    assert "- Sessa: 0: 1.25" in text                                         # seed-1 beta
+    assert "| Sessa | 3 | - | 2.25 ± 1.00 |" in text                    # the tails of every seed
     assert "| Sessa | 1.4000 ± 0.1000 | 1.5000, 1.4000, 1.3000 |" in text      # final val loss
     assert "cmd one" in text
     broken = _summary()
@@ -95,3 +95,12 @@ def test_training_dynamics_from_the_step_log(tmp_path) -> None:
     table = dynamics_table([{"variant": "sessa", "seed": 1, "dynamics": d}], ["sessa"],
                            {"sessa": "Sessa"})
     assert "| Sessa | 1 | 5.00 (8) | 3.00 | 42.9% | 1 | 1 |" in table
+
+
+def test_memory_tail_table_over_every_seed() -> None:
+    text = res.results_markdown(_summary())
+    assert "| model | seeds | whole model | layer 0 |" in text
+    # betas 1.25, 2.25, 3.25 for seeds 1-3 of each model: mean 2.25, std 1.00
+    assert "| Sessa | 3 | - | 2.25 ± 1.00 |" in text
+    assert "| Transformer | 3 | - | 2.25 ± 1.00 |" in text
+    assert "| Mamba2 |" not in text.split("Memory tail")[1].split("\n\n")[1]   # no runs
