@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import shutil
 import subprocess
@@ -85,7 +86,7 @@ def _check_rates(summary: dict, choice: dict) -> None:
     """Every final run trained at its model's chosen rate, or the table would misattribute."""
     for r in summary.get("runs", []):
         want = choice.get("chosen", {}).get(r["variant"])
-        if want is not None and abs(r["lr"] - want) > 1e-12 * max(1.0, abs(want)):
+        if want is not None and not math.isclose(r["lr"], want, rel_tol=1e-9):
             raise SystemExit(
                 f"{r['variant']} seed {r.get('seed')} trained at lr {r['lr']:g}, but "
                 f"results/{summary['experiment']}/choice.json chose {want:g}: publish the "

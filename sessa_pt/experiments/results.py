@@ -73,7 +73,7 @@ def memory_tail_table(runs: list[dict[str, Any]], variants: list[str],
              + " |", "|---|---|---|" + "---|" * len(layers)]
     for v in [v for v in variants if v in rows]:
         per = rows[v]
-        cells = [_mean_std(per.get(k, [])) for k in ["model", *layers]]
+        cells = [fmt_stat(mean_std_ci(per.get(k, [])), digits=2) for k in ["model", *layers]]
         n = max(len(x) for x in per.values())
         lines.append(f"| {labels.get(v, v)} | {n} | " + " | ".join(cells) + " |")
     return [*lines, ""]
@@ -81,14 +81,6 @@ def memory_tail_table(runs: list[dict[str, Any]], variants: list[str],
 
 def _layer_key(layer: str) -> tuple[int, str]:
     return (int(layer), "") if layer.isdigit() else (1 << 30, layer)
-
-
-def _mean_std(xs: list[float]) -> str:
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return f"{xs[0]:.2f}"
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
 
 
 def final_val_loss(runs: list[dict[str, Any]], variants: list[str],

@@ -121,12 +121,9 @@ class Runner:
         pending = list(enumerate(jobs))
         running: dict[int, _Running] = {}
         free = list(range(len(self.slots)))
-        retired: list[int] = []            # slots given up after an out-of-memory failure
-        waiting: list[tuple[int, Job]] = []  # those jobs, until another job ends
+        waiting: list[tuple[int, Job]] = []  # out-of-memory jobs, until another job ends
         retries = [0] * len(jobs)
         while pending or running:
-            if pending and not free and not running and retired:
-                free.append(retired.pop())
             while pending and free:
                 i, job = pending.pop(0)
                 slot = free.pop(0)
@@ -161,8 +158,7 @@ class Runner:
                 secs = time.time() - r.t0
                 del running[i]
                 if self._requeue_after_oom(jobs[i], r, retries[i], len(running)):
-                    retries[i] += 1
-                    retired.append(r.slot)
+                    retries[i] += 1     # and its slot is not freed: one slot fewer
                     waiting.append((i, jobs[i]))
                     continue
                 results[i] = JobResult(r.proc.returncode, secs, r.stopped,
@@ -177,7 +173,8 @@ class Runner:
         """A job that ran its GPU out of memory while ``others`` jobs shared the slots is
         started again once one of them ends, with one slot fewer from then on: packing runs
         side by side must not lose a run to a bad guess of how many fit. A job that runs out
-        of memory with nobody beside it fails as it is."""
+        of memory with nobody beside it fails as it is, so the last running job's slot is
+        never retired and one always remains."""
         if (not r.proc.returncode or r.stopped or not others or retries >= MAX_OOM_RETRIES
                 or not job.log or not job.log.is_file()):
             return False
