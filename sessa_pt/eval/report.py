@@ -68,8 +68,12 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
-def collect_runs(uris: list[str], experiment: str, include_unfinished: bool = False
-                 ) -> list[RunData]:
+def collect_runs(uris: list[str], experiment: str, include_unfinished: bool = False,
+                 include_stopped: bool = False) -> list[RunData]:
+    """The runs of ``experiment`` in every store: FINISHED ones, plus KILLED ones (the trainer
+    stopped on request: a time budget, a STOP file, SIGTERM; it saved and exited cleanly) with
+    ``include_stopped``, plus every other status with ``include_unfinished``."""
+    keep = {"FINISHED", "KILLED"} if include_stopped else {"FINISHED"}
     runs: list[RunData] = []
     for uri in uris:
         client = _client(uri)
@@ -80,9 +84,11 @@ def collect_runs(uris: list[str], experiment: str, include_unfinished: bool = Fa
         for r in client.search_runs([exp.experiment_id], max_results=10000):
             if r.data.tags.get(REPORT_TAG) == "true":
                 continue
-            if r.info.status != "FINISHED" and not include_unfinished:
+            if r.info.status not in keep and not include_unfinished:
+                hint = "--include-stopped" if r.info.status == "KILLED" else \
+                    "--include-unfinished"
                 print(f"[report] skipping run {r.info.run_id} ({r.info.run_name}): status "
-                      f"{r.info.status} (--include-unfinished keeps it)")
+                      f"{r.info.status} ({hint} keeps it)")
                 continue
             rd = RunData(r.info.run_id, r.info.run_name or r.info.run_id, uri,
                          dict(r.data.params), dict(r.data.metrics), r.info.status)
@@ -305,8 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated run params to group by (e.g. model.mixer,model.block)")
     p.add_argument("--final-window", type=int, default=20,
                    help="final train loss = mean of this many last logged steps")
+    p.add_argument("--include-stopped", action="store_true",
+                   help="also report runs that the trainer stopped on request (mlflow status "
+                        "KILLED: a time budget, a STOP file, SIGTERM), as a budget-capped "
+                        "comparison evaluates them")
     p.add_argument("--include-unfinished", action="store_true",
-                   help="also report runs that are still running, failed or were killed")
+                   help="also report runs that are still running or failed")
     p.add_argument("--no-log", action="store_true", help="do not log the report to mlflow")
     return p
 
@@ -315,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     uris = [args.tracking_uri, *args.uri]
     group_by = [k.strip() for k in args.group_by.split(",") if k.strip()]
-    runs = collect_runs(uris, args.experiment, args.include_unfinished)
+    runs = collect_runs(uris, args.experiment, args.include_unfinished, args.include_stopped)
     if not runs:
         print(f"[report] no finished runs in experiment {args.experiment!r} of {uris}")
         return 1

@@ -109,7 +109,8 @@ def _report_from_tarball(tarball: pathlib.Path, name: str, dest: pathlib.Path,
             uri = f"sqlite:///{seeds}/mlflow.db" if (seeds / "mlflow.db").is_file() else \
                 (seeds / "mlruns").as_uri()
             cmd = [sys.executable, "-m", "sessa_pt.eval.report", "--tracking-uri", uri,
-                   "--experiment", f"{name}-seeds", "--out", made, "--no-log"]
+                   "--experiment", f"{name}-seeds", "--out", made, "--no-log",
+                   "--include-stopped"]
             if subprocess.run(cmd, cwd=ROOT, check=False).returncode:
                 print("[publish] the comparison report failed; RESULTS.md keeps its tables",
                       file=sys.stderr)

@@ -213,10 +213,14 @@ def results_markdown(summary: dict[str, Any]) -> str:
                   "| model | " + " | ".join(f"lr {lr:g}" for lr in sweep["lrs"])
                   + " | chosen |", "|---|" + "---|" * (len(sweep["lrs"]) + 1)]
         # every model of the sweep, also one whose final runs are still to come
+        diverged = {(r.get("variant"), f"{r.get('lr'):g}") for r in sweep.get("runs", [])
+                    if r.get("diverged")}
         for v in [*variants, *(v for v in sweep["table"] if v not in variants)]:
             row = sweep["table"].get(v, {})
             cells = [f"{row[f'{lr:g}']:.4f}" if row.get(f"{lr:g}") is not None else
-                     "failed" if f"{lr:g}" in row else "not run" for lr in sweep["lrs"]]
+                     "not run" if f"{lr:g}" not in row else
+                     "diverged" if (v, f"{lr:g}") in diverged else "failed"
+                     for lr in sweep["lrs"]]
             lines.append(f"| {labels.get(v, v)} | " + " | ".join(cells)
                          + f" | {sweep['chosen'].get(v, '-')} |")
         lines.append("")
@@ -239,7 +243,8 @@ def results_markdown(summary: dict[str, Any]) -> str:
             if any(m in paper.get(u, {}) for u in variants):
                 p = paper.get(v, {}).get(m)
                 cells.append(f"{p:g}" if p is not None else "-")
-        cells.append(", ".join(f"s{r['seed']}" + ("" if r.get("metrics") else " failed")
+        cells.append(", ".join(f"s{r['seed']}" + ("" if r.get("metrics") else
+                                                  " diverged" if r.get("diverged") else " failed")
                                + (" stopped" if r.get("stopped") else "") for r in rs))
         cells.append(", ".join(f"{r['train_seconds'] / 60:.1f}" for r in rs) + " min")
         lines.append("| " + " | ".join(cells) + " |")

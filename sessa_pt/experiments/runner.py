@@ -30,8 +30,11 @@ from typing import IO, Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KILL_GRACE_S = 30.0
-# what a torch process prints when CUDA cannot allocate (torch.OutOfMemoryError's message)
-OOM_MARKERS = ("CUDA out of memory", "torch.OutOfMemoryError")
+# what a torch process prints when the GPU cannot allocate: torch.OutOfMemoryError's message,
+# and cuBLAS's and cuDNN's status when a handle or workspace allocation fails (cuBLAS creates a
+# handle lazily, e.g. at the first backward, so a full GPU can surface as this instead)
+OOM_MARKERS = ("CUDA out of memory", "torch.OutOfMemoryError", "CUBLAS_STATUS_ALLOC_FAILED",
+               "CUDNN_STATUS_ALLOC_FAILED")
 MAX_OOM_RETRIES = 2
 
 
@@ -178,9 +181,9 @@ class Runner:
         if (not r.proc.returncode or r.stopped or not others or retries >= MAX_OOM_RETRIES
                 or not job.log or not job.log.is_file()):
             return False
-        with open(job.log, errors="replace") as f:
-            if not any(m in f.read() for m in OOM_MARKERS):
-                return False
+        text = job.log.read_text(errors="replace")
+        if not any(m in text for m in OOM_MARKERS):
+            return False
         print(f"[runner] {job.name or job.log.stem}: out of GPU memory beside {others} other "
               "job(s); it runs again when one of them ends, with one slot fewer from then on",
               flush=True)

@@ -38,6 +38,7 @@ from sessa_pt.experiments.runner import (
     tracking_uri,
     utc_now,
 )
+from sessa_pt.train.nonfinite import EXIT_DIVERGED
 from sessa_pt.train.tracking import mlflow_env
 
 PHASES = ("sweep", "seeds", "all")
@@ -227,14 +228,16 @@ def _train_and_eval(ctx: Context, phase: str, plan: list[tuple[str, float, int, 
     for i, (r, jr) in enumerate(zip(runs, ctx.runner.run_all(jobs, ctx.env, budget.max_minutes),
                                     strict=True)):
         summary = read_json(pathlib.Path(r["run_dir"]) / "summary.json")
-        r.update(code=jr.code, train_seconds=jr.seconds, stopped=jr.stopped or jr.killed,
+        r.update(code=jr.code, diverged=jr.code == EXIT_DIVERGED, train_seconds=jr.seconds,
+                 stopped=jr.stopped or jr.killed,
                  oom_retries=jr.oom_retries,
                  step=summary.get("step"), val_loss=summary.get("val_loss"),
                  command=ctx.runner.commands[first + i])
     evaluated, ejobs = [], []
     for r in runs:
         if r["code"] and not ctx.args.dry_run:
-            print(f"[{exp.name}] training {r['key']} failed (exit {r['code']}); not evaluated",
+            why = "diverged" if r["diverged"] else "failed"
+            print(f"[{exp.name}] training {r['key']} {why} (exit {r['code']}); not evaluated",
                   flush=True)
             continue
         r["eval_json"] = str(ctx.out / phase / "eval" / f"{r['key']}-{split}.json")
@@ -287,7 +290,8 @@ def run_sweep(ctx: Context) -> dict[str, Any]:
               "seed": args.sweep_seed, "budget": budget.text(exp.tokens_per_step()),
               "table": table, "chosen": chosen, "git_commit": git_commit(),
               "runs": [{k: r.get(k) for k in ("variant", "lr", "seed", "metrics", "val_loss",
-                                               "step", "train_seconds", "stopped", "command")}
+                                               "step", "train_seconds", "stopped", "diverged",
+                                               "command")}
                        for r in runs], "smoke": args.smoke}
     if not args.dry_run:
         res.write_summary(ctx.out / "sweep" / "choice.json", choice)
@@ -388,7 +392,8 @@ def _report(ctx: Context) -> list[str]:
     report = ctx.out / "seeds" / "report"
     code = ctx.runner.run([ctx.py, "-m", "sessa_pt.eval.report", "--tracking-uri",
                            tracking_uri(ctx.out / "seeds"), "--experiment",
-                           f"{ctx.exp.name}-seeds", "--out", str(report), "--no-log"],
+                           f"{ctx.exp.name}-seeds", "--out", str(report), "--no-log",
+                           "--include-stopped"],
                           ctx.env)
     if code:
         print(f"[{ctx.exp.name}] the comparison report failed; RESULTS.md is still written",

@@ -49,22 +49,21 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     torchrun): NCCL on GPU, gloo on CPU."""
     if dist.is_initialized():
         return
+    # A process started without torchrun is a world of one: its rendezvous is an in-process
+    # store. A TCP store would need a free port, and a port probed free can be taken before
+    # the store binds it when many runs start side by side (seen as EADDRINUSE).
+    solo = "WORLD_SIZE" not in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     else:
         _skip_deepspeed_shm_op()
     kwargs = {"device_id": torch.device("cuda", int(os.environ["LOCAL_RANK"]))} if cuda else {}
+    if solo:
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group("nccl" if cuda else "gloo",
                             timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
     import deepspeed

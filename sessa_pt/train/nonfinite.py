@@ -19,6 +19,9 @@ import math
 import torch
 import torch.distributed as dist
 
+# the trainer's exit status when it stops on NonFiniteError (a diverged run, not a crash)
+EXIT_DIVERGED = 3
+
 
 class NonFiniteError(RuntimeError):
     """The run diverged: too many consecutive non-finite steps."""

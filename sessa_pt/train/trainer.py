@@ -42,7 +42,13 @@ from sessa_pt.train.diagnostics import (
     enable_flight_recorder,
     set_all_group_timeouts,
 )
-from sessa_pt.train.nonfinite import GuardedAdamW, NonFiniteError, NonFinitePolicy, SpikeDetector
+from sessa_pt.train.nonfinite import (
+    EXIT_DIVERGED,
+    GuardedAdamW,
+    NonFiniteError,
+    NonFinitePolicy,
+    SpikeDetector,
+)
 from sessa_pt.train.profiling import StepProfiler
 from sessa_pt.train.rundir import RunDir, RunDirError, one_line
 from sessa_pt.train.signals import (
@@ -705,5 +711,5 @@ def report_failure(trainer: Trainer | None, rundir: RunDir, err: BaseException) 
                   file=sys.stderr, flush=True)
     rundir.release_lock()
     if isinstance(err, NonFiniteError):
-        return 3
+        return EXIT_DIVERGED
     return 2 if user else 1

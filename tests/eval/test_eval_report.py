@@ -77,6 +77,23 @@ def test_report_from_mlflow(tmp_path: pathlib.Path, monkeypatch) -> None:
     assert "| `sessa` | 2 |" in md2 and "report" not in md2.split("Runs:")[1]
 
 
+def test_runs_stopped_at_a_budget_only_with_include_stopped(tmp_path: pathlib.Path) -> None:
+    """The trainer ends a run that stopped on request (time budget, STOP, SIGTERM) as KILLED,
+    a crashed one as FAILED: ``--include-stopped`` keeps the first kind only."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("cmp")
+    client = MlflowClient(uri)
+    client.set_terminated(_log_run("ss-sessa", 1, 0.80, 1.0, 0.5), "KILLED")
+    client.set_terminated(_log_run("ss-mamba2", 1, 0.10, 3.0, 1.5), "FAILED")
+    mlflow.set_tracking_uri("")
+    args = ["--tracking-uri", uri, "--experiment", "cmp", "--no-log"]
+    assert report.main([*args, "--out", str(tmp_path / "r1")]) == 1     # nothing FINISHED
+    assert report.main([*args, "--out", str(tmp_path / "r2"), "--include-stopped"]) == 0
+    md = (tmp_path / "r2" / "report.md").read_text()
+    assert "| `ss-sessa` | 1 |" in md and "ss-mamba2" not in md
+
+
 def test_report_without_runs(tmp_path: pathlib.Path) -> None:
     uri = f"sqlite:///{tmp_path}/empty.db"
     assert report.main(["--tracking-uri", uri, "--experiment", "none", "--out",

@@ -40,8 +40,11 @@ def _summary() -> dict:
             "commands": ["cmd one"],
             "sweep": {"select_metric": "token_acc", "select_mode": "max", "budget": "b",
                       "seed": 0, "lrs": [3e-4, 1e-3, 3e-3],
-                      "table": {"sessa": {"0.0003": 0.1, "0.001": 0.3, "0.003": None}},
-                      "chosen": {"sessa": 1e-3}}}
+                      "table": {"sessa": {"0.0003": 0.1, "0.001": 0.3, "0.003": None},
+                                "transformer": {"0.0003": None, "0.001": 0.2}},
+                      "chosen": {"sessa": 1e-3, "transformer": 1e-3},
+                      "runs": [{"variant": "sessa", "lr": 3e-3, "diverged": True},
+                               {"variant": "transformer", "lr": 3e-4, "diverged": False}]}}
 
 
 def test_results_markdown_tables() -> None:
@@ -54,7 +57,8 @@ def test_results_markdown_tables() -> None:
     trans = next(ln for ln in text.splitlines() if ln.startswith("| Transformer | 2.40M |"))
     assert "| 0.4000 ± 0.0000 |" in trans and trans.count("| - |") == 1   # no paper number
     assert "Mamba2 |" not in text.split("Final runs")[1].split("Per seed")[0]   # no runs
-    assert "| Sessa | 0.1000 | 0.3000 | failed | 0.001 |" in text             # sweep table
+    assert "| Sessa | 0.1000 | 0.3000 | diverged | 0.001 |" in text           # sweep table
+    assert "| Transformer | failed | 0.2000 | not run | 0.001 |" in text
     assert "| model | 64-128 | 128-512 |" in text
     assert "| Sessa | 0.600 | 0.300 |" in text                                # bins
     assert "| Sessa | 3 | - | 2.25 ± 1.00 |" in text                    # the tails of every seed

@@ -116,6 +116,13 @@ def test_out_of_memory_beside_others_runs_again_with_one_slot_fewer(
     flag.unlink()
     (res,) = runner.run_all([_job(oom_once, tmp_path / "e.log")])       # alone: no retry
     assert (res.code, res.oom_retries) == (1, 0)
+    # cuBLAS reports a full GPU as a failed handle allocation: the same retry
+    flag.unlink()
+    cublas_once = oom_once.replace("torch.OutOfMemoryError: CUDA out of memory.",
+                                   "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when "
+                                   "calling `cublasCreate(handle)`")
+    res = runner.run_all([_job(sleeper, tmp_path / "h.log"), _job(cublas_once, tmp_path / "i.log")])
+    assert [(r.code, r.oom_retries) for r in res] == [(0, 0), (0, 1)]
     other = "import sys; print('some other error'); sys.exit(3)"
     res = runner.run_all([_job(sleeper, tmp_path / "f.log"), _job(other, tmp_path / "g.log")])
     assert [(r.code, r.oom_retries) for r in res] == [(0, 0), (3, 0)]
