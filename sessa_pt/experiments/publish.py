@@ -20,11 +20,13 @@ import argparse
 import json
 import math
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+from typing import Any
 
 from sessa_pt.experiments import results as res
 from sessa_pt.experiments.runner import ROOT
@@ -42,23 +44,37 @@ def replace_section(text: str, name: str, body: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
+def _joined(old: dict, new: dict, key: str, old_kept: bool) -> str:
+    """Both calls' ``key`` (budget, commit, date) where rows of both remain, else the new one."""
+    parts = [old.get(key, "")] * old_kept + [new.get(key, "")]
+    return "; ".join(dict.fromkeys(p for p in parts if p))
+
+
+def _seed_dir(variant: str, seed: Any) -> re.Pattern[str]:
+    """A command that names the run directory of ``variant``'s ``seed`` (``.../sessa-seed2``)."""
+    return re.compile(rf"/{re.escape(variant)}-seed{seed}(?![0-9])")
+
+
 def merge_summaries(old: dict, new: dict) -> dict:
-    """``new`` with the runs of ``old``'s other models kept: a seeds phase split over several
-    calls (``VARIANTS=sessa``, then ``transformer``, ...) adds up to one table. A model that
-    ``new`` ran replaces its old runs."""
+    """``new`` with ``old``'s other runs kept: a seeds phase split over several calls
+    (``VARIANTS=sessa``, then ``transformer``, ...; or one lost seed again, ``--seeds 2``) adds
+    up to one table. A (model, seed) that ``new`` ran replaces its old run."""
     if not old:
         return new
-    ran = set(new["variants"])
-    kept = [r for r in old.get("runs", []) if r["variant"] not in ran]
+    ran = {(r["variant"], r["seed"]) for r in new["runs"]}
+    kept = [r for r in old.get("runs", []) if (r["variant"], r["seed"]) not in ran]
     order = [*old.get("variants", []), *(v for v in new["variants"]
                                           if v not in old.get("variants", []))]
-    # the old call's commands, less those of the models rerun now (their run directories and
-    # recipes name them) and less the lines the new call repeats (cd, notes, the report)
+    runs = sorted(kept + new["runs"], key=lambda r: (order.index(r["variant"]), r["seed"]))
+    # the old call's commands, less those of the runs made again now (their run directories
+    # name them) and less the lines the new call repeats (cd, notes, the report)
     fresh = new.get("commands", [])
-    commands = [c for c in old.get("commands", []) if c not in fresh and not any(
-        f"/{v}-seed" in c or f"/{v}.yaml" in c for v in ran)] + fresh
-    return {**new, "variants": order, "runs": kept + new["runs"], "commands": commands,
-            "aggregate": res.aggregate(kept + new["runs"], list(new["metrics"]))}
+    again = [_seed_dir(v, s) for v, s in ran]
+    commands = [c for c in old.get("commands", [])
+                if c not in fresh and not any(p.search(c) for p in again)] + fresh
+    return {**new, "variants": order, "runs": runs, "commands": commands,
+            **{k: _joined(old, new, k, bool(kept)) for k in ("started", "git_commit", "budget")},
+            "aggregate": res.aggregate(runs, list(new["metrics"]))}
 
 
 def merge_choices(old: dict, new: dict) -> dict:
@@ -69,9 +85,6 @@ def merge_choices(old: dict, new: dict) -> dict:
         return new
     ran = set(new.get("table", {}))
     keep = [v for v in old.get("table", {}) if v not in ran]
-    def joined(key: str) -> str:     # both calls' budget or commit, where rows of both remain
-        parts = [old.get(key, "")] * bool(keep) + [new.get(key, "")]
-        return "; ".join(dict.fromkeys(p for p in parts if p))
     kept_lrs = {float(lr) for v in keep for lr in old["table"][v]}
     return {**new, "lrs": sorted(kept_lrs | set(new.get("lrs", []))),
             "table": {**{v: old["table"][v] for v in keep}, **new.get("table", {})},
@@ -79,7 +92,7 @@ def merge_choices(old: dict, new: dict) -> dict:
                        **new.get("chosen", {})},
             "runs": [r for r in old.get("runs", []) if r.get("variant") in keep]
             + new.get("runs", []),
-            "budget": joined("budget"), "git_commit": joined("git_commit")}
+            **{k: _joined(old, new, k, bool(keep)) for k in ("budget", "git_commit")}}
 
 
 def _check_rates(summary: dict, choice: dict) -> None:

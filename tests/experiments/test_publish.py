@@ -111,18 +111,43 @@ def test_report_comes_from_the_call_tarball(tmp_path: pathlib.Path, monkeypatch)
 
 
 def test_merged_commands_drop_the_rerun_models() -> None:
-    def call(variants, tag):
-        return {"variants": variants, "metrics": ["token_acc"], "runs": [],
-                "commands": ["cd /repo"] + [f"train recipes/f/{v}.yaml run.dir=/o/runs/{v}-seed1"
-                                            f" {tag}" for v in variants] + ["report"]}
+    def call(variants, tag, seeds=(1,)):
+        return {"variants": variants, "metrics": ["token_acc"], "git_commit": tag,
+                "runs": [{"variant": v, "seed": s, "metrics": {"token_acc": 0.5}}
+                         for v in variants for s in seeds],
+                "commands": ["cd /repo"] + [f"train recipes/f/{v}.yaml run.dir=/o/runs/{v}-seed{s}"
+                                            f" {tag}" for v in variants for s in seeds]
+                + ["report"]}
 
     merged = pub.merge_summaries(call(["sessa", "sessa_nofb"], "old"), call(["sessa"], "new"))
     kept = "train recipes/f/sessa_nofb.yaml run.dir=/o/runs/sessa_nofb-seed1 old"
     assert merged["commands"] == [kept, "cd /repo",
                                   "train recipes/f/sessa.yaml run.dir=/o/runs/sessa-seed1 new",
                                   "report"]
+    assert merged["git_commit"] == "old; new"              # rows of both calls remain
     again = pub.merge_summaries(merged, call(["sessa", "sessa_nofb"], "new"))
     assert again["commands"] == call(["sessa", "sessa_nofb"], "new")["commands"]
+    assert again["git_commit"] == "new"
+
+
+def test_one_seed_run_again_replaces_only_that_seed() -> None:
+    """A seed lost to a crash, run again alone (``VARIANTS=sessa_nofb ... --seeds 2``), joins
+    the model's other seeds; seed 1's command is not taken for seed 10's."""
+    old = {"variants": ["sessa", "sessa_nofb"], "metrics": ["token_acc"], "git_commit": "a",
+           "runs": [{"variant": v, "seed": s, "metrics": {"token_acc": 0.1 * s}}
+                    for v in ("sessa", "sessa_nofb") for s in (1, 2, 10)],
+           "commands": [f"train run.dir=/o/runs/sessa_nofb-seed{s}" for s in (1, 2, 10)]}
+    new = {"variants": ["sessa_nofb"], "metrics": ["token_acc"], "git_commit": "b",
+           "runs": [{"variant": "sessa_nofb", "seed": 2, "metrics": {"token_acc": 0.9}}],
+           "commands": ["train run.dir=/o/runs/sessa_nofb-seed2 again"]}
+    merged = pub.merge_summaries(old, new)
+    assert [(r["variant"], r["seed"], r["metrics"]["token_acc"]) for r in merged["runs"]] == [
+        ("sessa", 1, 0.1), ("sessa", 2, 0.2), ("sessa", 10, 1.0),
+        ("sessa_nofb", 1, 0.1), ("sessa_nofb", 2, 0.9), ("sessa_nofb", 10, 1.0)]
+    assert merged["commands"] == ["train run.dir=/o/runs/sessa_nofb-seed1",
+                                  "train run.dir=/o/runs/sessa_nofb-seed10",
+                                  "train run.dir=/o/runs/sessa_nofb-seed2 again"]
+    assert merged["aggregate"]["sessa_nofb"]["token_acc"]["n"] == 3
 
 
 def _choice(table: dict, budget: str, commit: str) -> dict:
