@@ -44,6 +44,17 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def any_rank(flag: bool) -> bool:
+    """Collective over the world: true on every rank when any rank's ``flag`` is. A world of
+    one returns the flag as it is, with no device round trip (the trainer asks this several
+    times a step, and every ``.item()`` of a GPU tensor waits for the queue to drain)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Start torch.distributed from torchrun's environment (a single process works without
     torchrun): NCCL on GPU, gloo on CPU."""

@@ -17,7 +17,8 @@ import collections
 import math
 
 import torch
-import torch.distributed as dist
+
+from sessa_pt.parallel.topology import any_rank
 
 # the trainer's exit status when it stops on NonFiniteError (a diverged run, not a crash)
 EXIT_DIVERGED = 3
@@ -55,21 +56,10 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         if self.skipped is None:
-            finite = self._grads_finite()
-            bad = torch.tensor([0.0 if finite and not self._loss_nonfinite else 1.0],
-                               device=_collective_device())
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            self.skipped = bool(bad.item() > 0)
+            self.skipped = any_rank(not self._grads_finite() or self._loss_nonfinite)
         if self.skipped:
             return None
         return super().step(closure)
-
-
-def _collective_device() -> torch.device:
-    if torch.cuda.is_available():       # NCCL reduces CUDA tensors only
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class NonFinitePolicy:

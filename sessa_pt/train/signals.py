@@ -26,8 +26,9 @@ import signal
 import threading
 import time
 
-import torch
 import torch.distributed as dist
+
+from sessa_pt.parallel.topology import any_rank
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -48,12 +49,10 @@ class StopRequest:
     def request(self, reason: str) -> None:
         self.reason = self.reason or reason
 
-    def requested(self, dev: torch.device) -> bool:
+    def requested(self) -> bool:
         """Collective: true on every rank if any rank saw a request or rank 0 sees the file."""
         flag = self.reason is not None or (dist.get_rank() == 0 and self.stop_file.exists())
-        t = torch.tensor([1.0 if flag else 0.0], device=dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return any_rank(flag)
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:

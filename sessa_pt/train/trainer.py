@@ -29,6 +29,7 @@ from sessa_pt.parallel.engine import build_engine
 from sessa_pt.parallel.model import SequentialLM, build_pipeline
 from sessa_pt.parallel.topology import (
     ParallelLayout,
+    any_rank,
     deepspeed_topology,
     device,
     init_parallel,
@@ -274,9 +275,7 @@ class Trainer:
         """Collective: every rank's parameters are finite."""
         ok = all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters()
                  if p.numel())
-        t = torch.tensor([0.0 if ok else 1.0], device=device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return not bool(t.item() > 0)
+        return not any_rank(not ok)
 
     def save(self) -> pathlib.Path | None:
         """Collective. Never writes a checkpoint after a non-finite step or of non-finite
@@ -356,8 +355,9 @@ class Trainer:
         an exactly-resumed run shows the same numbers at every step."""
         from megatron.core import parallel_state as ps
 
-        ids = self._ids.to(device())
-        if self.layout.is_first_stage:
+        # one data-parallel rank: the sums are this rank's, read where they were made
+        ids = self._ids if self.layout.dp == 1 else self._ids.to(device())
+        if self.layout.is_first_stage and self.layout.dp > 1:
             group = ps.get_data_parallel_group()
             dist.all_reduce(ids[:2], group=group)
             mn = ids[2:].clone()
@@ -409,9 +409,10 @@ class Trainer:
                     self._own_grad_norm = self._grad_norm()
             e.step()
         total /= self.grad_accum
-        from megatron.core import parallel_state as ps
+        if self.layout.dp > 1:
+            from megatron.core import parallel_state as ps
 
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
         return float(total) / self.layout.dp
 
     def _step_nonfinite(self, loss: float, gnorm: float) -> bool:
@@ -419,9 +420,7 @@ class Trainer:
         norm or a skipped update."""
         skipped = bool(self.optimizer is not None and self.optimizer.skipped)
         bad = skipped or not math.isfinite(loss) or not math.isfinite(gnorm)
-        t = torch.tensor([1.0 if bad else 0.0], device=device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return any_rank(bad)
 
     def _batch_sample_ids(self) -> list[int]:
         """Collective: the sorted sample ids of this step's global batch."""
@@ -518,7 +517,7 @@ class Trainer:
         profiler = StepProfiler(self.run_dir, self.rank)
         try:
             while self.step < c.train.steps:
-                if self.stop.requested(device()):
+                if self.stop.requested():
                     state = "stopped"
                     break
                 stacks.arm()
