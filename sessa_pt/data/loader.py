@@ -76,9 +76,9 @@ class _TrainMicroBatches(Dataset):
 
     Workers hand numpy arrays back, pickled by value through the pipe. A torch tensor would
     cross as a shared-memory file descriptor, which the training process receives over a new
-    socket connection per tensor, on the training loop's critical path. Measured on the CPU
-    machine, one worker, micro-batches of 64 x 545 tokens: 3.9 ms per batch with tensors,
-    1.3 ms with arrays (collating in the loop itself: 0.8 ms)."""
+    socket connection per tensor, on the training loop's critical path: receiving a ready
+    batch took 2.8 ms with tensors and 2.0 ms with arrays (64 x 545 tokens, CPU machine;
+    BENCHMARKS.md, Data)."""
 
     def __init__(self, ds: TokenShardDataset, layout: BatchLayout, seed: int,
                  shuffle: bool, context_weight: float) -> None:
