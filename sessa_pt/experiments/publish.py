@@ -9,6 +9,9 @@ call's ``$OUT`` files came back to, from ``sessa_pt/experiments/gpu_call.sh``).
   where that has no plots (a GPU image without matplotlib), the report is rebuilt here from
   the mlflow store inside the tarball. A call that ran only some models (``VARIANTS=sessa``)
   adds its runs to the summary already there (its report files get a ``<models>-`` prefix);
+- a study (``python -m sessa_pt.experiments ... seeds --study STUDY``: the comparison's runs
+  with other settings) goes to ``results/NAME/studies/STUDY/`` and its own RESULTS.md section
+  ``NAME/STUDY``; the comparison's summary and table stay as they are;
 - ``results/NAME/RESULTS.md`` is rewritten from the summary (plot paths pointing into
   ``results/NAME/``), and the top-level ``RESULTS.md`` gets it between the markers
   ``<!-- experiment:NAME -->`` and ``<!-- /experiment:NAME -->`` (appended the first time).
@@ -150,13 +153,23 @@ def publish(name: str, src: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.
                              "folder a gpu_call.sh call's files came back to?")
         return dest
     new = json.loads((src / "summary.json").read_text())
+    choice_file = dest / "choice.json"
+    section = name
+    if new.get("study"):        # its own folder and section; the comparison stays as it is
+        if not res.STUDY_NAME.fullmatch(new["study"]):
+            raise SystemExit(f"{src / 'summary.json'}: study {new['study']!r} cannot name a "
+                             "folder (letters, digits, '_' and '-')")
+        section = f"{name}/{new['study']}"
+        dest = dest / "studies" / new["study"]
+        dest.mkdir(parents=True, exist_ok=True)
     old = json.loads((dest / "summary.json").read_text()) if (dest / "summary.json").is_file() \
         else {}
     summary = merge_summaries(old, new)
-    if (dest / "choice.json").is_file():
+    # a study may train at other rates than the sweep chose: its runs say which
+    if not new.get("study") and choice_file.is_file():
         # the published sweep, not whatever sweep the GPU machine last held: a seeds call
         # given --lr, or a sweep published in parts, still shows the sweep behind its rates
-        choice = json.loads((dest / "choice.json").read_text())
+        choice = json.loads(choice_file.read_text())
         _check_rates(summary, choice)
         if "table" in choice:            # a sweep's choice, not a hand-written {"chosen": ...}
             summary["sweep"] = choice
@@ -174,7 +187,7 @@ def publish(name: str, src: pathlib.Path, root: pathlib.Path = ROOT) -> pathlib.
     (dest / "RESULTS.md").write_text(body)
     top = root / "RESULTS.md"
     top.write_text(replace_section(top.read_text() if top.is_file() else "# Results\n",
-                                   name, body))
+                                   section, body))
     print(f"[publish] {dest}/summary.json, {dest}/RESULTS.md and the section in {top}")
     return dest
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import statistics
 from typing import Any
 
@@ -193,6 +194,10 @@ def bins_table(runs: list[dict[str, Any]], variants: list[str], labels: dict[str
     return lines + [""]
 
 
+# a study's name (``--study``) names a folder under results/<experiment>/studies/
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
 def results_markdown(summary: dict[str, Any]) -> str:
     """The RESULTS.md section of one experiment, from its summary."""
     labels: dict[str, str] = summary["labels"]
@@ -202,9 +207,15 @@ def results_markdown(summary: dict[str, Any]) -> str:
     runs = summary["runs"]
     agg = aggregate(runs, metrics)
     smoke = " (SMOKE TEST: tiny budgets on CPU, not a result)" if summary.get("smoke") else ""
-    lines = [f"## {summary['title']}{smoke}", "",
+    study = summary.get("study")
+    lines = [f"## {summary['title']}{smoke}" + (f": study `{study}`" if study else ""), "",
              (f"Measured {summary['started']} on {summary['environment']}, commit "
               f"`{summary['git_commit']}`. {summary['description']}"), ""]
+    if study:
+        changed = [f"budget {summary['budget']}",
+                   *(f"`{o}`" for o in summary.get("overrides", []))]
+        lines += [("A study beside the comparison, not its result: the runs below differ from "
+                   f"it in their settings ({'; '.join(changed)}) or rates (column lr)."), ""]
     sweep = summary.get("sweep")
     if sweep:
         lines += [(f"Learning rate chosen per model on the validation split ("

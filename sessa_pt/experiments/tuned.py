@@ -151,6 +151,11 @@ def build_parser(exp: Experiment) -> argparse.ArgumentParser:
     p.add_argument("--runs-per-gpu", type=int, default=1)
     p.add_argument("--no-memory-tail", action="store_true")
     p.add_argument("--results", help="also write the RESULTS.md section here")
+    p.add_argument("--study", help="name a seeds call that varies the comparison's settings "
+                                   "(e.g. --warmup 450, optim.grad_clip=10, another --lr) to "
+                                   "study them: publish keeps it apart, in "
+                                   "results/<experiment>/studies/<name>/, and the comparison's "
+                                   "own table untouched")
     p.add_argument("--smoke", action="store_true", help="CPU check: tiny data, 2 steps per run")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("extra", nargs="*", help="extra key=value training overrides (every run)")
@@ -328,6 +333,9 @@ def run_seeds(ctx: Context, choice: dict[str, Any] | None = None) -> dict[str, A
     from sessa_pt.recipes_check import count
 
     exp, args = ctx.exp, ctx.args
+    if args.study and not res.STUDY_NAME.fullmatch(args.study):
+        raise SystemExit(f"--study {args.study!r}: use letters, digits, '_' and '-' (it names "
+                         "a folder), e.g. --study warmup450")
     lrs = _chosen_lrs(ctx, choice)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     budget = exp.smoke_budget if args.smoke else Budget(args.steps, args.warmup, args.minutes)
@@ -354,7 +362,8 @@ def run_seeds(ctx: Context, choice: dict[str, Any] | None = None) -> dict[str, A
                "breakdown": exp.breakdown, "budget": budget.text(exp.tokens_per_step()),
                "test_split": exp.test_split(ctx.data), "sweep": sweep or None,
                "aggregate": res.aggregate(runs, list(exp.metrics)), "plots": plots,
-               "runs": runs, "commands": [f"cd {ROOT}", *ctx.runner.commands]}
+               "runs": runs, "commands": [f"cd {ROOT}", *ctx.runner.commands],
+               "study": args.study, "overrides": list(args.extra)}
     res.write_summary(ctx.out / "seeds" / "summary.json", summary)
     text = res.results_markdown(summary)
     (ctx.out / "seeds" / "RESULTS.md").write_text(text)

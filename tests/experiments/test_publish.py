@@ -41,6 +41,40 @@ def test_publish_seeds_and_sweep(tmp_path: pathlib.Path) -> None:
         pub.publish("mqar_diffuse", tmp_path / "empty", root)
 
 
+def test_a_study_is_published_apart(tmp_path: pathlib.Path) -> None:
+    """A seeds call with --study lands in results/NAME/studies/STUDY and its own section; the
+    comparison's summary and section are left alone, and its rates are not checked against
+    the sweep's choice (a study may set them)."""
+    root = tmp_path / "repo"
+    (root / "results" / "symbolsoup600").mkdir(parents=True)
+    (root / "RESULTS.md").write_text("# Results\n")
+    main_src, study_src = tmp_path / "main", tmp_path / "study"
+    for src in (main_src, study_src):
+        src.mkdir()
+    (main_src / "summary.json").write_text(json.dumps(_summary()))
+    pub.publish("symbolsoup600", main_src, root)
+    comparison = (root / "results" / "symbolsoup600" / "summary.json").read_text()
+    (root / "results" / "symbolsoup600" / "choice.json").write_text(
+        json.dumps({"chosen": {"sessa": 9e-9}}))
+    study = {**_summary(), "study": "warmup450", "overrides": ["optim.grad_clip=10"],
+             "runs": [dict(r, metrics={"token_acc": 0.9}) for r in _summary()["runs"]]}
+    (study_src / "summary.json").write_text(json.dumps(study))
+    dest = pub.publish("symbolsoup600", study_src, root)
+    assert dest == root / "results" / "symbolsoup600" / "studies" / "warmup450"
+    assert (root / "results" / "symbolsoup600" / "summary.json").read_text() == comparison
+    top = (root / "RESULTS.md").read_text()
+    assert "<!-- experiment:symbolsoup600 -->" in top
+    assert "<!-- experiment:symbolsoup600/warmup450 -->" in top
+    body = (dest / "RESULTS.md").read_text()
+    assert ": study `warmup450`" in body and "`optim.grad_clip=10`" in body
+    assert "| 0.9000 ± 0.0000 |" in body and "| 0.9000 ± 0.0000 |" not in \
+        top.split("<!-- experiment:symbolsoup600/warmup450 -->")[0]
+    bad = {**study, "study": "../x"}
+    (study_src / "summary.json").write_text(json.dumps(bad))
+    with pytest.raises(SystemExit, match="cannot name a folder"):
+        pub.publish("symbolsoup600", study_src, root)
+
+
 def test_calls_split_by_model_add_up(tmp_path: pathlib.Path) -> None:
     """VARIANTS=sessa, then VARIANTS=transformer: one summary with both; a rerun of a model
     replaces its old runs; the partial calls' plots are kept apart."""

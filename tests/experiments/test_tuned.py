@@ -128,6 +128,9 @@ def test_bad_input_is_rejected(tmp_path: pathlib.Path) -> None:
               *base])
     with pytest.raises(SystemExit, match="VARIANT=LR"):
         main(["mqar", "seeds", "--dry-run", "--lr", "1e-3", *base])
+    with pytest.raises(SystemExit, match="names a folder"):
+        main(["mqar", "seeds", "--dry-run", "--lr", "sessa=1e-3", "--variants", "sessa",
+              "--study", "../up", *base])
     assert main(["nope"]) == 2
 
 
