@@ -60,13 +60,15 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     torchrun): NCCL on GPU, gloo on CPU."""
     if dist.is_initialized():
         return
-    # A process started without torchrun is a world of one: its rendezvous is an in-process
-    # store. A TCP store would need a free port, and a port probed free can be taken before
-    # the store binds it when many runs start side by side (seen as EADDRINUSE).
-    solo = "WORLD_SIZE" not in os.environ
+    # A process started without torchrun (no rendezvous port given) is a world of one: its
+    # rendezvous is an in-process store. A TCP store would need a free port, and a port probed
+    # free can be taken before the store binds it when many runs start side by side (seen as
+    # EADDRINUSE).
+    solo = os.environ.get("WORLD_SIZE", "1") == "1" and "MASTER_PORT" not in os.environ
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
