@@ -18,7 +18,8 @@ VARIANTS = {"sessa": ("sessa", "gated"), "transformer": ("attention", "gated"),
 
 
 # Variants beyond the four of every family: Sessa with the paper's gain form, same shape.
-EXTRA = {"symbolsoup": {"sessa_paper": ("sessa", "gated")}}
+EXTRA = {"symbolsoup": {"sessa_paper": ("sessa", "gated")},
+         "symbolsoup2048": {"sessa_paper": ("sessa", "gated")}}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
