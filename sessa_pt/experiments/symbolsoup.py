@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import ClassVar
 
 from sessa_pt.experiments.tuned import Budget, Context, Experiment
 
@@ -35,7 +36,8 @@ class SymbolSoup(Experiment):
     # the paper's form of the feedback gain beside the reference one (recipes/symbolsoup*/
     # sessa_paper.yaml): at 400-600 tokens it learnt as fast as the Transformer (RESULTS.md)
     variants = ("sessa", "transformer", "mamba2", "sessa_paper")
-    labels = {**Experiment.labels, "sessa_paper": "Sessa, paper's gamma"}
+    labels: ClassVar[dict[str, str]] = {**Experiment.labels,
+                                        "sessa_paper": "Sessa, paper's gamma"}
 
     def __init__(self, family: str = "symbolsoup") -> None:
         self.family = family

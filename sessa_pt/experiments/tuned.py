@@ -412,7 +412,7 @@ def _report(ctx: Context) -> list[str]:
 
 
 def main(exp: Experiment, argv: list[str] | None = None) -> int:
-    args = build_parser(exp).parse_args(argv)
+    args = build_parser(exp).parse_intermixed_args(argv)
     ctx = make_context(exp, args)
     if not args.dry_run:
         ctx.out.mkdir(parents=True, exist_ok=True)

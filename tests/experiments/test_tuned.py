@@ -112,6 +112,17 @@ def test_seeds_phase_uses_the_choice(tmp_path: pathlib.Path, capsys) -> None:
         assert {c.split("run.seed=")[1].split()[0] for c in mine} == {"1", "2", "3"}
 
 
+def test_overrides_after_the_options_reach_every_run(tmp_path: pathlib.Path, capsys) -> None:
+    """gpu_call.sh puts its own options first and the caller's after them: a key=value there
+    (a study's optim.grad_clip=10) must not be refused."""
+    assert main(["mqar", "seeds", "--dry-run", "--out", str(tmp_path / "o"), "--data",
+                 str(tmp_path / "d"), "--variants", "sessa", "--lr", "sessa=1e-3",
+                 "--warmup", "45", "--study", "clip10", "optim.grad_clip=10"]) == 0
+    train = [c for c in _cmds(capsys) if "sessa_pt.train" in c]
+    assert len(train) == 3
+    assert all(" optim.grad_clip=10" in c and "optim.warmup_steps=45" in c for c in train)
+
+
 def test_seeds_without_a_choice_says_what_to_do(tmp_path: pathlib.Path) -> None:
     with pytest.raises(SystemExit, match="run the sweep phase first"):
         main(["mqar", "seeds", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"),
