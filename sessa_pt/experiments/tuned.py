@@ -333,9 +333,6 @@ def run_seeds(ctx: Context, choice: dict[str, Any] | None = None) -> dict[str, A
     from sessa_pt.recipes_check import count
 
     exp, args = ctx.exp, ctx.args
-    if args.study and not res.STUDY_NAME.fullmatch(args.study):
-        raise SystemExit(f"--study {args.study!r}: use letters, digits, '_' and '-' (it names "
-                         "a folder), e.g. --study warmup450")
     lrs = _chosen_lrs(ctx, choice)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     budget = exp.smoke_budget if args.smoke else Budget(args.steps, args.warmup, args.minutes)
@@ -411,8 +408,21 @@ def _report(ctx: Context) -> list[str]:
     return sorted(str(p) for p in report.glob("*.png"))
 
 
+def _check_study(args: argparse.Namespace) -> None:
+    if not args.study:
+        return
+    if args.phase != "seeds":
+        raise SystemExit(f"--study is for the seeds phase (runs beside the comparison at its "
+                         f"chosen or given rates); phase {args.phase} would publish a sweep "
+                         "over the comparison's own choice.json")
+    if not res.STUDY_NAME.fullmatch(args.study):
+        raise SystemExit(f"--study {args.study!r}: use letters, digits, '_' and '-' (it names "
+                         "a folder), e.g. --study warmup450")
+
+
 def main(exp: Experiment, argv: list[str] | None = None) -> int:
     args = build_parser(exp).parse_intermixed_args(argv)
+    _check_study(args)
     ctx = make_context(exp, args)
     if not args.dry_run:
         ctx.out.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,8 @@ def test_bad_input_is_rejected(tmp_path: pathlib.Path) -> None:
     with pytest.raises(SystemExit, match="names a folder"):
         main(["mqar", "seeds", "--dry-run", "--lr", "sessa=1e-3", "--variants", "sessa",
               "--study", "../up", *base])
+    with pytest.raises(SystemExit, match="for the seeds phase"):
+        main(["mqar", "all", "--dry-run", "--study", "warmup450", *base])
     assert main(["nope"]) == 2
 
 
